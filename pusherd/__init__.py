@@ -1,0 +1,3 @@
+"""pusherd: a self-hosted webhook relay daemon."""
+
+__version__ = "0.1.0"

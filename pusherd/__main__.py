@@ -1,0 +1,5 @@
+"""python -m pusherd"""
+
+from pusherd.cli import main
+
+raise SystemExit(main())

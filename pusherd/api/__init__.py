@@ -1,0 +1,1 @@
+"""HTTP routes: the two subscription dialects and ingest."""

@@ -1,0 +1,116 @@
+"""The local ingest listener: POST /events, GET /healthz, GET /metrics (SPEC §5)."""
+
+from __future__ import annotations
+
+import hmac
+import uuid as uuidlib
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from pusherd.api.errors import ApiError, json_response
+from pusherd.auth import bearer
+from pusherd.clock import parse_iso
+from pusherd.keys import RUNTIME
+from pusherd.metrics import CONTENT_TYPE
+from pusherd.store.models import IngestResult, NewEvent
+
+MAX_BATCH = 1000
+MESSAGE_ID_MAX = 200
+
+
+def _event(item: Any, known: Any, where: str) -> NewEvent:
+    if not isinstance(item, dict):
+        raise ApiError(400, f"{where}must be a JSON object")
+    name = item.get("eventName")
+    if not isinstance(name, str) or not name:
+        raise ApiError(400, f"{where}eventName is required")
+    if name not in known:
+        raise ApiError(400, f"{where}unknown eventName: {name[:100]}")
+    org = item.get("organizationUuid")
+    if not isinstance(org, str):
+        raise ApiError(400, f"{where}organizationUuid is required")
+    try:
+        org = str(uuidlib.UUID(org))
+    except ValueError:
+        raise ApiError(400, f"{where}organizationUuid is not a valid UUID") from None
+    if "payload" not in item:
+        raise ApiError(400, f"{where}payload is required")
+    message_id = item.get("messageId")
+    if message_id is not None and (
+        not isinstance(message_id, str) or not message_id or len(message_id) > MESSAGE_ID_MAX
+    ):
+        raise ApiError(
+            400, f"{where}messageId must be a non-empty string of at most 200 characters"
+        )
+    timestamp = item.get("timestamp")
+    if timestamp is not None and (not isinstance(timestamp, str) or parse_iso(timestamp) is None):
+        raise ApiError(400, f"{where}timestamp must be an ISO-8601 date-time string")
+    payload = orjson.dumps(item["payload"]).decode()
+    return NewEvent(org, name, payload, message_id, timestamp)
+
+
+def _answer(r: IngestResult, batch: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "messageUuid": r.message_uuid,
+        "messageId": r.message_id,
+        "deliveries": r.deliveries,
+    }
+    if batch and r.duplicate:
+        out["duplicate"] = True
+    return out
+
+
+async def post_events(request: web.Request) -> web.Response:
+    """Store one event or a batch (all or nothing); answer after the commit."""
+    runtime = request.app[RUNTIME]
+    expected = runtime.config.ingest.token
+    if expected:
+        given = bearer(request) or ""
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise ApiError(401, "missing or invalid ingest token", {"WWW-Authenticate": "Bearer"})
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "request body is not valid JSON") from None
+    batch = isinstance(body, list)
+    items = body if batch else [body]
+    if batch and not items:
+        raise ApiError(400, "batch is empty")
+    if len(items) > MAX_BATCH:
+        raise ApiError(400, f"batch has {len(items)} events; at most {MAX_BATCH} are allowed")
+    catalogue = runtime.catalogue
+    events = [
+        _event(item, catalogue, f"events[{i}]: " if batch else "") for i, item in enumerate(items)
+    ]
+    results = await runtime.store.ingest(events, catalogue.matches)
+    fresh = sum(1 for r in results if not r.duplicate)
+    if fresh:
+        runtime.metrics.events_ingested.inc(fresh)
+        runtime.dispatcher.wake()
+    if batch:
+        return json_response([_answer(r, True) for r in results], status=202)
+    r = results[0]
+    return json_response(_answer(r, False), status=200 if r.duplicate else 202)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: 200 while the process serves."""
+    return json_response({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition."""
+    runtime = request.app[RUNTIME]
+    stats = await runtime.store.queue_stats()
+    body = runtime.metrics.render(stats)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the ingest routes."""
+    app.router.add_post("/events", post_events)
+    app.router.add_get("/healthz", healthz, allow_head=False)
+    app.router.add_get("/metrics", metrics, allow_head=False)

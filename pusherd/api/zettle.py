@@ -1,0 +1,173 @@
+"""Zettle Pusher dialect: /organizations/{organizationUuid}/subscriptions (SPEC §3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from pusherd.api import subscriptions as subs
+from pusherd.api.errors import ApiError, json_response, read_json
+from pusherd.auth import resolve_org
+from pusherd.clock import iso_ms
+from pusherd.keys import RUNTIME, request_token
+from pusherd.store import UuidTakenError
+from pusherd.store.models import Subscription, SubscriptionChanges
+
+UNPROCESSABLE_FIELDS = frozenset({"destination", "contactEmail"})
+ARRAY_FIELDS = frozenset({"eventNames"})
+_MISSING = object()
+
+
+def to_json(sub: Subscription) -> dict[str, Any]:
+    """A subscription as the Zettle API shows it."""
+    return {
+        "uuid": sub.uuid,
+        "transportName": sub.transport,
+        "eventNames": list(sub.event_names),
+        "updated": iso_ms(sub.updated_ms),
+        "destination": sub.destination,
+        "contactEmail": sub.contact_email,
+        "status": sub.status,
+        "signingKey": sub.signing_key,
+    }
+
+
+def _field_error(exc: subs.FieldError) -> ApiError:
+    return ApiError(422 if exc.field in UNPROCESSABLE_FIELDS else 400, exc.message)
+
+
+async def _fields(request: web.Request) -> dict[str, Any]:
+    """Body fields, with query parameters filling in what the body does not carry."""
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    fields = dict(body)
+    for key in set(request.query):
+        if key in fields:
+            continue
+        values = request.query.getall(key)
+        if key in ARRAY_FIELDS:
+            fields[key] = [v for item in values for v in item.split(",") if v]
+        else:
+            fields[key] = values[-1]
+    return fields
+
+
+def _sub_uuid(request: web.Request) -> str:
+    try:
+        return subs.parse_uuid(request.match_info["subscriptionUuid"])
+    except subs.FieldError:
+        raise ApiError(404, "no such subscription") from None
+
+
+async def create_subscription(request: web.Request) -> web.Response:
+    """POST: create a subscription (200 with it, signingKey included)."""
+    runtime = request.app[RUNTIME]
+    token = request_token(request)
+    resolve_org(request, request.match_info["organizationUuid"])
+    f = await _fields(request)
+    catalogue = runtime.catalogue
+    try:
+        for name in ("uuid", "transportName", "eventNames"):
+            if f.get(name, _MISSING) is _MISSING or f[name] is None:
+                raise subs.FieldError(name, f"{name} is required")
+        sub_uuid = subs.parse_uuid(f["uuid"])
+        if f["transportName"] != "WEBHOOK":
+            raise subs.FieldError("transportName", "transportName must be WEBHOOK")
+        names = subs.parse_event_names(f["eventNames"], catalogue)
+        for name in ("destination", "contactEmail"):
+            if f.get(name) is None:
+                raise subs.FieldError(name, f"{name} is required")
+        email = subs.parse_email(f["contactEmail"])
+        subs.check_scopes(names, token, catalogue)
+        destination = await subs.parse_destination(f["destination"], runtime.config.delivery)
+        sub = await subs.create(
+            runtime,
+            token,
+            sub_uuid=sub_uuid,
+            event_names=names,
+            destination=destination,
+            contact_email=email,
+        )
+    except subs.FieldError as exc:
+        raise _field_error(exc) from None
+    except subs.ScopeError as exc:
+        raise ApiError(403, str(exc)) from None
+    except UuidTakenError:
+        raise ApiError(400, "a subscription with this uuid already exists") from None
+    return json_response(to_json(sub))
+
+
+async def list_subscriptions(request: web.Request) -> web.Response:
+    """GET: the organization's subscriptions."""
+    runtime = request.app[RUNTIME]
+    org = resolve_org(request, request.match_info["organizationUuid"])
+    return json_response([to_json(s) for s in runtime.store.list_subscriptions(org)])
+
+
+async def update_subscription(request: web.Request) -> web.Response:
+    """PUT: partial update (200, empty body)."""
+    runtime = request.app[RUNTIME]
+    token = request_token(request)
+    org = resolve_org(request, request.match_info["organizationUuid"])
+    sub_uuid = _sub_uuid(request)
+    f = await _fields(request)
+    if runtime.store.get_subscription(org, sub_uuid) is None:
+        raise ApiError(404, "no such subscription")
+    catalogue = runtime.catalogue
+    try:
+        transport = f.get("transportName")
+        if transport is not None and transport != "WEBHOOK":
+            raise subs.FieldError("transportName", "transportName must be WEBHOOK")
+        names = None
+        if f.get("eventNames") is not None:
+            names = subs.parse_event_names(f["eventNames"], catalogue)
+        status = f.get("status")
+        if status is not None and status != "ACTIVE":
+            raise subs.FieldError("status", 'status can only be set to "ACTIVE"')
+        email = None
+        if "contactEmail" in f:
+            email = subs.parse_email(f["contactEmail"])
+        destination = None
+        if "destination" in f:
+            destination = f["destination"]
+            if not isinstance(destination, str) or not destination.strip():
+                raise subs.FieldError("destination", "destination must not be empty")
+        if names is not None:
+            subs.check_scopes(names, token, catalogue)
+        if destination is not None:
+            destination = await subs.parse_destination(destination, runtime.config.delivery)
+    except subs.FieldError as exc:
+        raise _field_error(exc) from None
+    except subs.ScopeError as exc:
+        raise ApiError(403, str(exc)) from None
+    changes = SubscriptionChanges(
+        transport=transport,
+        event_names=names,
+        destination=destination,
+        contact_email=email,
+        status="ACTIVE" if status == "ACTIVE" else None,
+    )
+    if await subs.update(runtime, token, sub_uuid, changes) is None:
+        raise ApiError(404, "no such subscription")
+    return web.Response(status=200)
+
+
+async def delete_subscription(request: web.Request) -> web.Response:
+    """DELETE: remove it and cancel its pending deliveries (204)."""
+    runtime = request.app[RUNTIME]
+    org = resolve_org(request, request.match_info["organizationUuid"])
+    sub_uuid = _sub_uuid(request)
+    if not await runtime.store.delete_subscription(org, sub_uuid):
+        raise ApiError(404, "no such subscription")
+    return web.Response(status=204)
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the Zettle routes."""
+    base = "/organizations/{organizationUuid}/subscriptions"
+    app.router.add_post(base, create_subscription)
+    app.router.add_get(base, list_subscriptions, allow_head=False)
+    app.router.add_put(base + "/{subscriptionUuid}", update_subscription)
+    app.router.add_delete(base + "/{subscriptionUuid}", delete_subscription)

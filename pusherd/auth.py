@@ -1,0 +1,70 @@
+"""Bearer tokens, scopes, organization resolution ("self"), and the per-organization rate limit."""
+
+from __future__ import annotations
+
+import uuid
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from pusherd.api.errors import ApiError
+from pusherd.clock import now_ms
+from pusherd.keys import RUNTIME, TOKEN_KEY, request_token
+
+PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
+
+
+def bearer(request: web.Request) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, or None."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.strip().partition(" ")
+    value = value.strip()
+    if scheme.lower() != "bearer" or not value or " " in value:
+        return None
+    return value
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """401 without a valid token; then the rate limit, whose headers go on every answer."""
+    if request.path in PUBLIC_PATHS or request.match_info.http_exception is not None:
+        return await handler(request)
+    runtime = request.app[RUNTIME]
+    secret = bearer(request)
+    token = runtime.store.find_token(secret) if secret else None
+    if token is None:
+        raise ApiError(401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
+    state = token.status(now_ms())
+    if state != "active":
+        raise ApiError(401, f"token is {state}", {"WWW-Authenticate": "Bearer"})
+    request[TOKEN_KEY] = token
+    verdict = runtime.ratelimiter.hit(token.organization)
+    headers = {
+        "X-RateLimit-Limit": str(verdict.limit),
+        "X-RateLimit-Remaining": str(verdict.remaining),
+        "X-RateLimit-Reset": str(verdict.reset_s),
+    }
+    if not verdict.allowed:
+        raise ApiError(
+            429, "rate limit exceeded", {**headers, "Retry-After": str(verdict.retry_after_s)}
+        )
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        exc.headers.update(headers)
+        raise
+    response.headers.update(headers)
+    return response
+
+
+def resolve_org(request: web.Request, value: str) -> str:
+    """The organization a path names: the token's own or "self"; any other → 403."""
+    token = request_token(request)
+    if value == "self" or value == token.organization:
+        return token.organization
+    try:
+        if str(uuid.UUID(value)) == token.organization:
+            return token.organization
+    except ValueError:
+        pass
+    raise ApiError(403, "this token does not belong to that organization")

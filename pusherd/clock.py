@@ -1,0 +1,33 @@
+"""Time helpers: unix milliseconds and the ISO-8601 forms pusherd shows."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+
+def now_ms() -> int:
+    """Wall-clock unix time in milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+def iso_ms(ms: int) -> str:
+    """YYYY-MM-DDTHH:MM:SS.mmmZ for a unix-millisecond time."""
+    dt = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def iso_or_none(ms: int | None) -> str | None:
+    """iso_ms, passing None through."""
+    return None if ms is None else iso_ms(ms)
+
+
+def parse_iso(text: str) -> datetime | None:
+    """An ISO-8601 date-time (a trailing Z allowed), or None if it is not one."""
+    if not isinstance(text, str) or len(text) < 10:
+        return None
+    try:
+        value = datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        return None
+    return value

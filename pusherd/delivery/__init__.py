@@ -1,0 +1,1 @@
+"""Outbound delivery: signing, retry policy, network guard and sender."""

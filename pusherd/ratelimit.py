@@ -1,0 +1,63 @@
+"""Per-organization rate limits for the subscription API: fixed minute and hour windows."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pusherd.config import RateLimitConfig
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_s: int  # seconds until the reported window resets
+    retry_after_s: int  # when refused: seconds until a request is allowed again
+
+
+class RateLimiter:
+    """Counts requests per organization in a minute window and an hour window."""
+
+    def __init__(
+        self, config: RateLimitConfig, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.config = config
+        self._clock = clock
+        # org -> [(window_start, count) for minute, hour]
+        self._windows: dict[str, list[list[float]]] = {}
+
+    def reload(self, config: RateLimitConfig) -> None:
+        """New limits (SIGHUP); counts so far are kept."""
+        self.config = config
+
+    def hit(self, organization: str) -> Verdict:
+        """Count one request and say whether it may proceed."""
+        now = self._clock()
+        limits = ((60.0, self.config.per_minute), (3600.0, self.config.per_hour))
+        windows = self._windows.setdefault(organization, [[now, 0.0], [now, 0.0]])
+        if len(self._windows) > 100_000:
+            self._evict(now)
+        state = []
+        for (length, limit), window in zip(limits, windows, strict=True):
+            if now - window[0] >= length:
+                window[0], window[1] = now, 0.0
+            state.append((limit, window, length))
+        refused = [(w[0] + length - now) for limit, w, length in state if w[1] >= limit]
+        if not refused:
+            for _, window, _ in state:
+                window[1] += 1
+        # Report the window with the fewest requests left.
+        limit, window, length = min(state, key=lambda s: s[0] - s[1][1])
+        remaining = max(0, int(limit - window[1]))
+        reset = max(1, math.ceil(window[0] + length - now))
+        retry = max(1, math.ceil(max(refused))) if refused else 0
+        return Verdict(not refused, limit, remaining, reset, retry)
+
+    def _evict(self, now: float) -> None:
+        stale = [o for o, w in self._windows.items() if now - w[1][0] >= 3600.0]
+        for org in stale:
+            del self._windows[org]

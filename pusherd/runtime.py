@@ -1,0 +1,105 @@
+"""What a running pusherd owns: store, HTTP client, dispatcher, metrics, limits, notices."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import structlog
+
+from pusherd.catalogue import Catalogue
+from pusherd.config import Config
+from pusherd.delivery.dispatcher import Dispatcher
+from pusherd.delivery.sender import Sender, make_session
+from pusherd.metrics import Metrics
+from pusherd.notify import Notifier
+from pusherd.ratelimit import RateLimiter
+from pusherd.store import SqliteStore, open_store
+from pusherd.store.base import Store
+from pusherd.store.db import StoreError
+
+log = structlog.get_logger("pusherd")
+
+PURGE_EVERY_S = 60.0
+PURGE_BATCH = 500
+
+
+class Runtime:
+    """Shared by the API and ingest apps; opened and closed by the API app's cleanup context."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.catalogue = Catalogue(config.events)
+        self.metrics = Metrics()
+        self.ratelimiter = RateLimiter(config.ratelimit)
+        self.notifier = Notifier(config.smtp)
+        self._store: SqliteStore | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._purger: asyncio.Task[None] | None = None
+        self.started_at = time.monotonic()
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise RuntimeError("pusherd is not started")
+        return self._store
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        if self._dispatcher is None:
+            raise RuntimeError("pusherd is not started")
+        return self._dispatcher
+
+    async def start(self, *, dispatch: bool = True) -> None:
+        """Open the store, the HTTP client and start the dispatcher and the retention purge."""
+        cfg = self.config
+        self._store = await open_store(cfg.storage.path)
+        d = cfg.delivery
+        self._session = make_session(d.max_in_flight, d.allow_private_destinations)
+        sender = Sender(self._session, d.timeout, d.allow_private_destinations)
+        self._dispatcher = Dispatcher(d, self._store, sender, self.metrics, self.notifier.notify)
+        if dispatch:
+            self._dispatcher.start()
+            self._purger = asyncio.get_running_loop().create_task(self._purge_loop())
+
+    async def stop(self) -> None:
+        """Stop the dispatcher (with shutdown_grace), then close everything."""
+        if self._purger is not None:
+            self._purger.cancel()
+            await asyncio.gather(self._purger, return_exceptions=True)
+        if self._dispatcher is not None:
+            await self._dispatcher.stop(self.config.delivery.shutdown_grace)
+        await self.notifier.drain()
+        if self._session is not None:
+            await self._session.close()
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+
+    def reload(self, config: Config) -> None:
+        """SIGHUP: new log level and rate limits."""
+        self.ratelimiter.reload(config.ratelimit)
+
+    async def purge_once(self) -> int:
+        """One retention pass (small batches until nothing is left)."""
+        cutoff = int((time.time() - self.config.storage.retention) * 1000)
+        total = 0
+        while True:
+            removed = await self.store.purge(cutoff, PURGE_BATCH)
+            total += removed
+            if removed == 0:
+                return total
+            await asyncio.sleep(0.01)  # let ingest in between batches
+
+    async def _purge_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PURGE_EVERY_S)
+            try:
+                removed = await self.purge_once()
+            except StoreError as exc:
+                log.error("purge_failed", error=str(exc))
+                continue
+            if removed:
+                log.info("retention_purged", rows=removed)

@@ -1,0 +1,207 @@
+"""The SQLite file: PRAGMAs, migrations, the group-committing writer and the reader connection.
+
+Writes run on the event loop's thread on one `sqlite3` connection. Every write is a function of the
+connection; all writes that are waiting when the writer runs share one `BEGIN IMMEDIATE` transaction
+and one fsync (group commit), each inside its own SAVEPOINT so that one failing write does not undo
+the others. A hop to a worker thread per write would cost more than the commit itself (SPEC §7).
+Reads that may scan many rows go through an aiosqlite connection so they never block the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import Callable, Iterable
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+import structlog
+
+T = TypeVar("T")
+log = structlog.get_logger("pusherd.store")
+
+BUSY_TIMEOUT_MS = 5000
+
+
+class StoreError(Exception):
+    """The store could not commit (disk full, I/O error, locked too long)."""
+
+
+class SchemaTooNewError(StoreError):
+    """The database was written by a newer pusherd."""
+
+
+def migrations() -> list[tuple[int, str]]:
+    """Ordered (version, sql) pairs from store/migrations/NNNN_name.sql."""
+    folder = resources.files("pusherd.store") / "migrations"
+    found = []
+    for entry in folder.iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:4].isdigit():
+            found.append((int(name[:4]), entry.read_text(encoding="utf-8")))
+    found.sort()
+    for expected, (version, _) in enumerate(found, start=1):
+        if version != expected:
+            raise RuntimeError(f"migration numbering has a gap at {expected:04d}")
+    return found
+
+
+def latest_version() -> int:
+    """The schema version this pusherd writes."""
+    return len(migrations())
+
+
+def configure(conn: sqlite3.Connection) -> None:
+    """PRAGMAs for every connection: WAL, full fsync on commit, a busy timeout."""
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+
+
+def migrate(conn: sqlite3.Connection, target: int | None = None) -> int:
+    """Apply pending migrations in order (each in its own transaction); return the version."""
+    steps = migrations()
+    target = len(steps) if target is None else target
+    current = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if current > len(steps):
+        raise SchemaTooNewError(
+            f"database schema version {current} is newer than this pusherd supports "
+            f"({len(steps)}); upgrade pusherd or restore a backup — the file was not changed"
+        )
+    for version, sql in steps[current:target]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(sql):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        log.info("schema_migrated", version=version)
+    return max(current, target)
+
+
+def _statements(sql: str) -> Iterable[str]:
+    buf = ""
+    for line in sql.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                yield buf
+            buf = ""
+    if buf.strip() and not buf.strip().startswith("--"):
+        yield buf
+
+
+def connect_sync(path: str | Path) -> sqlite3.Connection:
+    """A configured, migrated autocommit connection (CLI commands and the writer use this)."""
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    try:
+        configure(conn)
+        migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+WriteFn = Callable[[sqlite3.Connection], Any]
+
+
+class Database:
+    """One writer connection with group commit, plus one aiosqlite reader."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._writer: sqlite3.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._queue: list[tuple[WriteFn, asyncio.Future[Any]]] = []
+        self._flush_scheduled = False
+        self.commits = 0
+
+    async def open(self) -> None:
+        """Open, configure and migrate the file."""
+        self._writer = connect_sync(self.path)
+        self._reader = await aiosqlite.connect(self.path)
+        await self._reader.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+
+    async def close(self) -> None:
+        """Flush waiting writes and close both connections."""
+        if self._queue:
+            self._flush()
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    @property
+    def writer(self) -> sqlite3.Connection:
+        if self._writer is None:
+            raise StoreError("database is not open")
+        return self._writer
+
+    def write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue fn to run inside the next group commit; the future resolves after COMMIT."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.append((fn, fut))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._queue = self._queue, []
+        if not batch:
+            return
+        conn = self.writer
+        results: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, _ in batch:
+                conn.execute("SAVEPOINT w")
+                try:
+                    results.append((True, fn(conn)))
+                    conn.execute("RELEASE w")
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO w")
+                    conn.execute("RELEASE w")
+                    results.append((False, exc))
+            conn.execute("COMMIT")
+            self.commits += 1
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            log.error("commit_failed", error=str(exc), writes=len(batch))
+            err = StoreError(f"could not commit: {exc}")
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+            return
+        for (_, fut), (ok, value) in zip(batch, results, strict=True):
+            if fut.done():
+                continue
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+    def read_now(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        """A small indexed read on the writer connection, without leaving the loop."""
+        return self.writer.execute(sql, tuple(params)).fetchall()
+
+    async def read(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        """A read that may scan many rows: runs on the reader connection's thread."""
+        if self._reader is None:
+            raise StoreError("database is not open")
+        rows = await self._reader.execute_fetchall(sql, tuple(params))
+        return list(rows)

@@ -1,0 +1,388 @@
+"""Deliveries: claiming with a lease, recording attempts, the delivery log, replay, retention."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pusherd.clock import now_ms
+from pusherd.store.db import Database
+from pusherd.store.models import (
+    AttemptRecord,
+    ClaimedDelivery,
+    DeliveryCounts,
+    DeliveryView,
+    QueueStats,
+    StatusChange,
+)
+
+Finish = Literal["delivered", "retry", "failed", "gone"]
+RESPONSE_BODY_MAX = 1024
+
+_VIEW = (
+    "d.id, d.subscription, e.event_name, d.status, d.attempts, d.created_ms, d.finished_ms,"
+    " d.last_status_code, d.last_error, CASE WHEN d.status = 'pending' THEN d.due_ms END"
+)
+
+
+def _view(r: Sequence[Any], attempts: tuple[AttemptRecord, ...] = ()) -> DeliveryView:
+    return DeliveryView(
+        id=r[0],
+        subscription=r[1],
+        event_name=r[2],
+        status=r[3],
+        attempts=r[4],
+        created_ms=r[5],
+        finished_ms=r[6],
+        last_status_code=r[7],
+        last_error=r[8],
+        due_ms=r[9],
+        attempt_log=attempts,
+    )
+
+
+def _status_change(
+    conn: sqlite3.Connection,
+    sub_uuid: str,
+    success: bool,
+    gone: bool,
+    now: int,
+    disable_after_ms: int,
+) -> StatusChange | None:
+    row = conn.execute(
+        "SELECT organization, contact_email, destination, status, failing_since_ms"
+        " FROM subscriptions WHERE uuid = ? AND deleted_ms IS NULL",
+        (sub_uuid,),
+    ).fetchone()
+    if row is None:
+        return None
+    org, email, destination, old, failing_since = row
+    new, reason = old, ""
+    if success:
+        if old == "FAILING":
+            new, reason = "ACTIVE", "delivery succeeded"
+    elif gone:
+        if old != "DISABLED":
+            new, reason = "DISABLED", "destination answered 410 Gone"
+    elif old == "ACTIVE":
+        new, reason, failing_since = "FAILING", "delivery attempt failed", now
+    elif old == "FAILING" and failing_since is not None and now - failing_since >= disable_after_ms:
+        new, reason = "DISABLED", "failing continuously for longer than disable_after"
+    if new == old:
+        return None
+    conn.execute(
+        "UPDATE subscriptions SET status = ?, failing_since_ms = ?, updated_ms = ? WHERE uuid = ?",
+        (new, None if new == "ACTIVE" else failing_since, now, sub_uuid),
+    )
+    return StatusChange(sub_uuid, org, email, destination, old, new, reason)
+
+
+class DeliveryStore:
+    """Delivery reads and writes (mixed into SqliteStore)."""
+
+    db: Database
+
+    def has_due(self, at_ms: int) -> bool:
+        """Whether some pending delivery is due at at_ms (one index probe, on the loop)."""
+        return bool(
+            self.db.read_now(
+                "SELECT 1 FROM deliveries WHERE status = 'pending' AND due_ms <= ? LIMIT 1",
+                (at_ms,),
+            )
+        )
+
+    def next_due_ms(self) -> int | None:
+        """The earliest due time among pending deliveries."""
+        rows = self.db.read_now("SELECT min(due_ms) FROM deliveries WHERE status = 'pending'")
+        return None if rows[0][0] is None else int(rows[0][0])
+
+    async def claim(
+        self, owner: str, limit: int, lease_ms: int, exclude: Sequence[int] = ()
+    ) -> list[ClaimedDelivery]:
+        """Lease up to `limit` due deliveries, oldest due first: an index range scan."""
+
+        def fn(conn: sqlite3.Connection) -> list[ClaimedDelivery]:
+            now = now_ms()
+            until = now + lease_ms
+            rows = conn.execute(
+                "UPDATE deliveries SET lease_owner = ?, lease_until_ms = ?, due_ms = ?"
+                " WHERE id IN (SELECT id FROM deliveries WHERE status = 'pending' AND due_ms <= ?"
+                " ORDER BY due_ms, id LIMIT ?) RETURNING id",
+                (owner, until, until, now, limit),
+            ).fetchall()
+            ids = sorted(r[0] for r in rows)
+            if not ids:
+                return []
+            marks = ",".join("?" * len(ids))
+            data = conn.execute(
+                "SELECT d.id, d.subscription, d.attempts, d.schedule_pos, e.organization, e.uuid,"
+                " e.event_name, e.message_id, e.payload, e.timestamp, s.destination, s.signing_key,"
+                " s.prev_signing_key, s.prev_key_until_ms, s.status, s.deleted_ms"
+                " FROM deliveries d JOIN events e ON e.seq = d.event_seq"
+                " JOIN subscriptions s ON s.uuid = d.subscription"
+                f" WHERE d.id IN ({marks}) ORDER BY d.id",
+                ids,
+            ).fetchall()
+            out, dead = [], []
+            for r in data:
+                if r[14] == "DISABLED" or r[15] is not None:
+                    dead.append((now, r[0]))
+                    continue
+                keys = (r[11],) if r[12] is None or (r[13] or 0) <= now else (r[11], r[12])
+                out.append(
+                    ClaimedDelivery(
+                        id=r[0],
+                        subscription=r[1],
+                        attempts=r[2],
+                        schedule_pos=r[3],
+                        organization=r[4],
+                        message_uuid=r[5],
+                        event_name=r[6],
+                        message_id=r[7],
+                        payload=r[8],
+                        timestamp=r[9],
+                        destination=r[10],
+                        signing_keys=keys,
+                    )
+                )
+            if dead:
+                conn.executemany(
+                    "UPDATE deliveries SET status = 'failed', finished_ms = ?, lease_owner = NULL,"
+                    " last_error = 'subscription disabled' WHERE id = ?",
+                    dead,
+                )
+            return out
+
+        return await self.db.write(fn)
+
+    async def record_attempt(
+        self,
+        delivery: ClaimedDelivery,
+        owner: str,
+        attempt: AttemptRecord,
+        finish: Finish,
+        next_attempt_ms: int | None,
+        disable_after_ms: int,
+    ) -> StatusChange | None:
+        """Record one attempt and its consequence in one commit; return a status change."""
+
+        def fn(conn: sqlite3.Connection) -> StatusChange | None:
+            now = now_ms()
+            body = attempt.response_body[:RESPONSE_BODY_MAX]
+            conn.execute(
+                "INSERT INTO attempts (delivery_id, started_ms, duration_ms, status_code, error,"
+                " response_body) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    delivery.id,
+                    attempt.started_ms,
+                    attempt.duration_ms,
+                    attempt.status_code,
+                    attempt.error,
+                    body,
+                ),
+            )
+            if finish == "retry":
+                status, finished, due = "pending", None, next_attempt_ms or now
+            else:
+                status, finished, due = (
+                    ("delivered" if finish == "delivered" else "failed"),
+                    now,
+                    now,
+                )
+            # Only the lease holder moves the row on; a stale owner just leaves its attempt record.
+            conn.execute(
+                "UPDATE deliveries SET status = ?, attempts = attempts + 1,"
+                " schedule_pos = schedule_pos + ?, due_ms = ?, finished_ms = ?,"
+                " lease_owner = NULL, lease_until_ms = NULL, last_attempt_ms = ?,"
+                " last_status_code = ?, last_error = ?"
+                " WHERE id = ? AND status = 'pending' AND lease_owner = ?",
+                (
+                    status,
+                    0 if finish == "delivered" else 1,
+                    due,
+                    finished,
+                    attempt.started_ms,
+                    attempt.status_code,
+                    attempt.error,
+                    delivery.id,
+                    owner,
+                ),
+            )
+            return _status_change(
+                conn,
+                delivery.subscription,
+                success=finish == "delivered",
+                gone=finish == "gone",
+                now=now,
+                disable_after_ms=disable_after_ms,
+            )
+
+        return await self.db.write(fn)
+
+    async def release(self, owner: str, ids: Sequence[int], due_ms: int | None = None) -> None:
+        """Give leased deliveries back without spending an attempt (due now or at due_ms)."""
+        if not ids:
+            return
+
+        def fn(conn: sqlite3.Connection) -> None:
+            due = now_ms() if due_ms is None else due_ms
+            conn.executemany(
+                "UPDATE deliveries SET lease_owner = NULL, lease_until_ms = NULL, due_ms = ?"
+                " WHERE id = ? AND status = 'pending' AND lease_owner = ?",
+                [(due, i, owner) for i in ids],
+            )
+
+        await self.db.write(fn)
+
+    async def requeue(self, delivery_id: int, organization: str) -> str:
+        """Queue a finished delivery again: "queued", "pending" (still pending) or "missing"."""
+
+        def fn(conn: sqlite3.Connection) -> str:
+            row = conn.execute(
+                "SELECT d.status FROM deliveries d JOIN subscriptions s ON s.uuid = d.subscription"
+                " WHERE d.id = ? AND s.organization = ? AND s.deleted_ms IS NULL",
+                (delivery_id, organization),
+            ).fetchone()
+            if row is None:
+                return "missing"
+            if row[0] == "pending":
+                return "pending"
+            conn.execute(
+                "UPDATE deliveries SET status = 'pending', due_ms = ?, finished_ms = NULL,"
+                " schedule_pos = 0, lease_owner = NULL, lease_until_ms = NULL WHERE id = ?",
+                (now_ms(), delivery_id),
+            )
+            return "queued"
+
+        return await self.db.write(fn)
+
+    async def replay(self, subscription: str, since_ms: int | None, status: str | None) -> int:
+        """Re-queue a subscription's finished deliveries (optionally since a time / of a status)."""
+
+        def fn(conn: sqlite3.Connection) -> int:
+            where = ["subscription = ?", "status IN ('delivered', 'failed')"]
+            params: list[Any] = [subscription]
+            if since_ms is not None:
+                where.append("created_ms >= ?")
+                params.append(since_ms)
+            if status is not None:
+                where.append("status = ?")
+                params.append(status)
+            cur = conn.execute(
+                "UPDATE deliveries SET status = 'pending', due_ms = ?, finished_ms = NULL,"
+                " schedule_pos = 0, lease_owner = NULL, lease_until_ms = NULL"
+                f" WHERE {' AND '.join(where)}",
+                (now_ms(), *params),
+            )
+            return cur.rowcount
+
+        return await self.db.write(fn)
+
+    async def list_deliveries(
+        self, subscription: str, status: str | None, limit: int, before_id: int | None
+    ) -> list[DeliveryView]:
+        """A subscription's deliveries, newest first, keyset-paginated by id."""
+        where = ["d.subscription = ?"]
+        params: list[Any] = [subscription]
+        if status is not None:
+            where.append("d.status = ?")
+            params.append(status)
+        if before_id is not None:
+            where.append("d.id < ?")
+            params.append(before_id)
+        rows = await self.db.read(
+            f"SELECT {_VIEW} FROM deliveries d JOIN events e ON e.seq = d.event_seq"
+            f" WHERE {' AND '.join(where)} ORDER BY d.id DESC LIMIT ?",
+            (*params, limit),
+        )
+        return [_view(r) for r in rows]
+
+    async def get_delivery(self, delivery_id: int, organization: str) -> DeliveryView | None:
+        """One delivery of the organization with every attempt, or None."""
+        rows = await self.db.read(
+            f"SELECT {_VIEW} FROM deliveries d JOIN events e ON e.seq = d.event_seq"
+            " JOIN subscriptions s ON s.uuid = d.subscription"
+            " WHERE d.id = ? AND s.organization = ? AND s.deleted_ms IS NULL",
+            (delivery_id, organization),
+        )
+        if not rows:
+            return None
+        attempts = await self.db.read(
+            "SELECT started_ms, duration_ms, status_code, error, response_body FROM attempts"
+            " WHERE delivery_id = ? ORDER BY id",
+            (delivery_id,),
+        )
+        return _view(rows[0], tuple(AttemptRecord(*a) for a in attempts))
+
+    async def delivery_counts(self, subscriptions: Sequence[str]) -> DeliveryCounts:
+        """delivered / failed / pending totals over these subscriptions."""
+        if not subscriptions:
+            return DeliveryCounts(0, 0, 0)
+        marks = ",".join("?" * len(subscriptions))
+        rows = await self.db.read(
+            f"SELECT status, count(*) FROM deliveries WHERE subscription IN ({marks})"
+            " GROUP BY status",
+            subscriptions,
+        )
+        counts = {str(s): int(n) for s, n in rows}
+        return DeliveryCounts(
+            counts.get("delivered", 0), counts.get("failed", 0), counts.get("pending", 0)
+        )
+
+    async def queue_stats(self) -> QueueStats:
+        """Pending deliveries and the age of the oldest due one."""
+        rows = await self.db.read(
+            "SELECT count(*), min(due_ms) FROM deliveries WHERE status = 'pending'"
+        )
+        count, oldest = rows[0]
+        age = 0.0 if oldest is None else max(0.0, (now_ms() - int(oldest)) / 1000)
+        return QueueStats(int(count), age)
+
+    async def purge(self, cutoff_ms: int, batch: int) -> int:
+        """Delete up to `batch` deliveries finished before cutoff (with attempts) and orphan events.
+
+        The search runs on the reader connection, off the event loop; the short delete re-checks
+        its conditions inside the write, so a row re-queued meanwhile is left alone.
+        """
+        ids = [
+            r[0]
+            for r in await self.db.read(
+                "SELECT id FROM deliveries WHERE status != 'pending' AND finished_ms < ?"
+                " ORDER BY id LIMIT ?",
+                (cutoff_ms, batch),
+            )
+        ]
+        seqs = [
+            r[0]
+            for r in await self.db.read(
+                "SELECT seq FROM events e WHERE e.created_ms < ? AND NOT EXISTS"
+                " (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq AND"
+                " (d.status = 'pending' OR d.finished_ms >= ?)) ORDER BY seq LIMIT ?",
+                (cutoff_ms, cutoff_ms, batch),
+            )
+        ]
+        if not ids and not seqs:
+            return 0
+
+        def fn(conn: sqlite3.Connection) -> int:
+            removed = 0
+            for i in ids:
+                cur = conn.execute(
+                    "DELETE FROM deliveries WHERE id = ? AND status != 'pending'"
+                    " AND finished_ms < ?",
+                    (i, cutoff_ms),
+                )
+                if cur.rowcount:
+                    conn.execute("DELETE FROM attempts WHERE delivery_id = ?", (i,))
+                    removed += 1
+            for seq in seqs:
+                cur = conn.execute(
+                    "DELETE FROM events WHERE seq = ? AND NOT EXISTS"
+                    " (SELECT 1 FROM deliveries WHERE event_seq = ?)",
+                    (seq, seq),
+                )
+                removed += cur.rowcount
+            return removed
+
+        return await self.db.write(fn)

@@ -1,0 +1,158 @@
+"""Typed rows the store hands to the API and the dispatcher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+SubscriptionStatus = Literal["ACTIVE", "FAILING", "DISABLED"]
+DeliveryStatus = Literal["pending", "delivered", "failed", "cancelled"]
+
+
+@dataclass(frozen=True)
+class Token:
+    id: str
+    organization: str
+    scopes: tuple[str, ...]
+    name: str
+    created_ms: int
+    expires_ms: int | None
+    revoked_ms: int | None
+
+    def status(self, now_ms: int) -> str:
+        """active, expired or revoked."""
+        if self.revoked_ms is not None:
+            return "revoked"
+        if self.expires_ms is not None and self.expires_ms <= now_ms:
+            return "expired"
+        return "active"
+
+
+@dataclass(frozen=True)
+class Subscription:
+    uuid: str
+    organization: str
+    transport: str
+    event_names: tuple[str, ...]
+    scopes: tuple[str, ...]
+    destination: str
+    contact_email: str | None
+    status: SubscriptionStatus
+    signing_key: str
+    prev_signing_key: str | None
+    prev_key_until_ms: int | None
+    created_ms: int
+    updated_ms: int
+    failing_since_ms: int | None
+
+
+@dataclass(frozen=True)
+class NewSubscription:
+    uuid: str
+    organization: str
+    transport: str
+    event_names: tuple[str, ...]
+    scopes: tuple[str, ...]
+    destination: str
+    contact_email: str | None
+    signing_key: str
+
+
+@dataclass(frozen=True)
+class SubscriptionChanges:
+    """A partial update; None leaves a field as it is."""
+
+    transport: str | None = None
+    event_names: tuple[str, ...] | None = None
+    scopes: tuple[str, ...] | None = None
+    destination: str | None = None
+    contact_email: str | None = None
+    status: SubscriptionStatus | None = None
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    organization: str
+    event_name: str
+    payload: str  # JSON encoding of the payload
+    message_id: str | None
+    timestamp: str | None  # None: use the ingest time
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    message_uuid: str
+    message_id: str
+    deliveries: int
+    duplicate: bool
+    delivery_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    subscription: str
+    organization: str
+    contact_email: str | None
+    destination: str
+    old: SubscriptionStatus
+    new: SubscriptionStatus
+    reason: str
+
+
+@dataclass(frozen=True)
+class ClaimedDelivery:
+    """Everything one attempt needs, read at claim time."""
+
+    id: int
+    subscription: str
+    attempts: int
+    schedule_pos: int
+    organization: str
+    message_uuid: str
+    event_name: str
+    message_id: str
+    payload: str
+    timestamp: str
+    destination: str
+    signing_keys: tuple[str, ...]  # current key first, then a rotated-out one still valid
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    started_ms: int
+    duration_ms: float
+    status_code: int | None
+    error: str | None
+    response_body: str
+
+
+@dataclass(frozen=True)
+class DeliveryView:
+    id: int
+    subscription: str
+    event_name: str
+    status: DeliveryStatus
+    attempts: int
+    created_ms: int
+    finished_ms: int | None
+    last_status_code: int | None
+    last_error: str | None
+    due_ms: int | None
+    attempt_log: tuple[AttemptRecord, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class DeliveryCounts:
+    delivered: int
+    failed: int
+    pending: int
+
+    @property
+    def total(self) -> int:
+        return self.delivered + self.failed + self.pending
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    pending: int
+    oldest_pending_age_s: float

@@ -1,0 +1,191 @@
+"""Subscriptions (Zettle) a.k.a. webhooks (PayStell): one table, one model."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import orjson
+
+from pusherd.clock import now_ms
+from pusherd.store.db import Database
+from pusherd.store.events import insert_event
+from pusherd.store.models import (
+    NewEvent,
+    NewSubscription,
+    Subscription,
+    SubscriptionChanges,
+)
+
+_COLUMNS = (
+    "uuid, organization, transport, event_names, scopes, destination, contact_email, status,"
+    " signing_key, prev_signing_key, prev_key_until_ms, created_ms, updated_ms, failing_since_ms"
+)
+
+
+class UuidTakenError(Exception):
+    """A subscription with this uuid exists (or existed)."""
+
+
+def _row(r: tuple[Any, ...]) -> Subscription:
+    return Subscription(
+        uuid=r[0],
+        organization=r[1],
+        transport=r[2],
+        event_names=tuple(orjson.loads(r[3])),
+        scopes=tuple(orjson.loads(r[4])),
+        destination=r[5],
+        contact_email=r[6],
+        status=r[7],
+        signing_key=r[8],
+        prev_signing_key=r[9],
+        prev_key_until_ms=r[10],
+        created_ms=r[11],
+        updated_ms=r[12],
+        failing_since_ms=r[13],
+    )
+
+
+def _json(items: tuple[str, ...]) -> str:
+    return orjson.dumps(list(items)).decode()
+
+
+def get_subscription(conn: sqlite3.Connection, organization: str, uuid: str) -> Subscription | None:
+    """A live subscription of this organization, or None."""
+    row = conn.execute(
+        f"SELECT {_COLUMNS} FROM subscriptions"
+        " WHERE uuid = ? AND organization = ? AND deleted_ms IS NULL",
+        (uuid, organization),
+    ).fetchone()
+    return _row(row) if row else None
+
+
+class SubscriptionStore:
+    """Subscription reads and writes (mixed into SqliteStore)."""
+
+    db: Database
+
+    async def create_subscription(
+        self, new: NewSubscription, welcome: NewEvent | None
+    ) -> Subscription:
+        """Insert it and, in the same commit, queue `welcome` (the TestMessage) to it alone."""
+
+        def fn(conn: sqlite3.Connection) -> Subscription:
+            taken = conn.execute("SELECT 1 FROM subscriptions WHERE uuid = ?", (new.uuid,))
+            if taken.fetchone():
+                raise UuidTakenError(new.uuid)
+            now = now_ms()
+            conn.execute(
+                "INSERT INTO subscriptions (uuid, organization, transport, event_names, scopes,"
+                " destination, contact_email, status, signing_key, created_ms, updated_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'ACTIVE', ?, ?, ?)",
+                (
+                    new.uuid,
+                    new.organization,
+                    new.transport,
+                    _json(new.event_names),
+                    _json(new.scopes),
+                    new.destination,
+                    new.contact_email,
+                    new.signing_key,
+                    now,
+                    now,
+                ),
+            )
+            if welcome is not None:
+                insert_event(conn, welcome, now, (new.uuid,))
+            sub = get_subscription(conn, new.organization, new.uuid)
+            assert sub is not None
+            return sub
+
+        return await self.db.write(fn)
+
+    def list_subscriptions(self, organization: str) -> list[Subscription]:
+        """The organization's live subscriptions, oldest first."""
+        rows = self.db.read_now(
+            f"SELECT {_COLUMNS} FROM subscriptions"
+            " WHERE organization = ? AND deleted_ms IS NULL ORDER BY created_ms, uuid",
+            (organization,),
+        )
+        return [_row(r) for r in rows]
+
+    def get_subscription(self, organization: str, uuid: str) -> Subscription | None:
+        """One live subscription of the organization, or None (another org's is invisible)."""
+        return get_subscription(self.db.writer, organization, uuid)
+
+    async def update_subscription(
+        self, organization: str, uuid: str, changes: SubscriptionChanges
+    ) -> Subscription | None:
+        """Apply a partial update; None when there is no such subscription."""
+
+        def fn(conn: sqlite3.Connection) -> Subscription | None:
+            sub = get_subscription(conn, organization, uuid)
+            if sub is None:
+                return None
+            sets: list[str] = []
+            params: list[Any] = []
+            for column, value in (
+                ("transport", changes.transport),
+                (
+                    "event_names",
+                    None if changes.event_names is None else _json(changes.event_names),
+                ),
+                ("scopes", None if changes.scopes is None else _json(changes.scopes)),
+                ("destination", changes.destination),
+                ("contact_email", changes.contact_email),
+            ):
+                if value is not None:
+                    sets.append(f"{column} = ?")
+                    params.append(value)
+            if changes.status is not None and changes.status != sub.status:
+                sets.append("status = ?")
+                params.append(changes.status)
+                if changes.status == "ACTIVE":
+                    sets.append("failing_since_ms = NULL")
+            sets.append("updated_ms = ?")
+            params.append(now_ms())
+            conn.execute(
+                f"UPDATE subscriptions SET {', '.join(sets)} WHERE uuid = ?", (*params, uuid)
+            )
+            return get_subscription(conn, organization, uuid)
+
+        return await self.db.write(fn)
+
+    async def delete_subscription(self, organization: str, uuid: str) -> bool:
+        """Soft-delete it and cancel its pending deliveries; False when there is none."""
+
+        def fn(conn: sqlite3.Connection) -> bool:
+            now = now_ms()
+            cur = conn.execute(
+                "UPDATE subscriptions SET deleted_ms = ?, updated_ms = ?"
+                " WHERE uuid = ? AND organization = ? AND deleted_ms IS NULL",
+                (now, now, uuid, organization),
+            )
+            if cur.rowcount == 0:
+                return False
+            conn.execute(
+                "UPDATE deliveries SET status = 'cancelled', finished_ms = ?, lease_owner = NULL,"
+                " last_error = 'subscription deleted'"
+                " WHERE subscription = ? AND status = 'pending'",
+                (now, uuid),
+            )
+            return True
+
+        return await self.db.write(fn)
+
+    async def rotate_signing_key(
+        self, organization: str, uuid: str, new_key: str, keep_old_ms: int
+    ) -> bool:
+        """Make new_key the signing key; the old one keeps signing for keep_old_ms."""
+
+        def fn(conn: sqlite3.Connection) -> bool:
+            now = now_ms()
+            cur = conn.execute(
+                "UPDATE subscriptions SET prev_signing_key = signing_key,"
+                " prev_key_until_ms = ?, signing_key = ?, updated_ms = ?"
+                " WHERE uuid = ? AND organization = ? AND deleted_ms IS NULL",
+                (now + keep_old_ms, new_key, now, uuid, organization),
+            )
+            return cur.rowcount > 0
+
+        return await self.db.write(fn)
