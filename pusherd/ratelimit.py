@@ -46,14 +46,16 @@ class RateLimiter:
             if now - window[0] >= length:
                 window[0], window[1] = now, 0.0
             state.append((limit, window, length))
-        refused = [(w[0] + length - now) for limit, w, length in state if w[1] >= limit]
+        # length - elapsed, not start + length - now: the latter can round to just over length
+        # (Retry-After 61 for a 60s window) because start + length is rounded first.
+        refused = [length - (now - w[0]) for limit, w, length in state if w[1] >= limit]
         if not refused:
             for _, window, _ in state:
                 window[1] += 1
         # Report the window with the fewest requests left.
         limit, window, length = min(state, key=lambda s: s[0] - s[1][1])
         remaining = max(0, int(limit - window[1]))
-        reset = max(1, math.ceil(window[0] + length - now))
+        reset = max(1, math.ceil(length - (now - window[0])))
         retry = max(1, math.ceil(max(refused))) if refused else 0
         return Verdict(not refused, limit, remaining, reset, retry)
 
