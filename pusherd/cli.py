@@ -100,6 +100,8 @@ async def serve(config: Config, config_path: str | None) -> int:
         watchdog = notifier.start_watchdog()
         await stop.wait()
         log.info("pusherd_stopping")
+        # No new attempts while the listeners shut down; the in-flight ones get shutdown_grace.
+        runtime.dispatcher.stop_claiming()
         notifier.stopping()
         if watchdog is not None:
             watchdog.cancel()
@@ -165,9 +167,9 @@ def cmd_token_list(args: argparse.Namespace, config: Config) -> int:
     print("id\torganization\tscopes\tname\texpires\tstatus")
     for t in tokens:
         expires = iso_ms(t.expires_ms) if t.expires_ms is not None else "never"
-        print(
-            f"{t.id}\t{t.organization}\t{','.join(t.scopes)}\t{t.name}\t{expires}\t{t.status(now)}"
-        )
+        # A tab or newline in a name would break the one-row-per-token format.
+        name = " ".join(t.name.split())
+        print(f"{t.id}\t{t.organization}\t{','.join(t.scopes)}\t{name}\t{expires}\t{t.status(now)}")
     return 0
 
 
@@ -359,7 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pusherd: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    configure_logging(config.log.level, config.log.format)
+    # Only `serve` logs to stdout: other commands print their results there (a token, a list).
+    log_stream = sys.stdout if args.command == "serve" else sys.stderr
+    configure_logging(config.log.level, config.log.format, log_stream)
     try:
         if args.command == "serve":
             import uvloop

@@ -197,6 +197,13 @@ def _positive_duration(value: object) -> float:
     return seconds
 
 
+def _positive_size(value: object) -> int:
+    size = parse_size(value)
+    if size <= 0:
+        raise ValueError("must be greater than zero")
+    return size
+
+
 def _fraction(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
         raise ValueError("expected a number from 0 up to (not including) 1")
@@ -231,7 +238,7 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, tuple[str, Any]]]] = {
         {
             "listen": ("listen", _listen),
             "token": ("token", _string),
-            "max_body": ("max_body", parse_size),
+            "max_body": ("max_body", _positive_size),
         },
     ),
     "storage": (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 import uuid
@@ -97,10 +98,8 @@ class Receiver:
                     f"receiver got {len(self.events(name))} of {count} expected requests"
                 )
             self.event.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.event.wait(), min(remaining, 0.5))
-            except TimeoutError:
-                pass
 
 
 @pytest.fixture

@@ -158,3 +158,11 @@ async def update(
     if sub is not None and changes.status == "ACTIVE":
         runtime.dispatcher.wake()
     return sub
+
+
+async def delete(runtime: Runtime, organization: str, sub_uuid: str) -> bool:
+    """Delete a subscription and cancel its pending deliveries, also those already claimed."""
+    if not await runtime.store.delete_subscription(organization, sub_uuid):
+        return False
+    runtime.dispatcher.forget_subscription(sub_uuid)
+    return True

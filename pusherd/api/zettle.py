@@ -159,7 +159,7 @@ async def delete_subscription(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     org = resolve_org(request, request.match_info["organizationUuid"])
     sub_uuid = _sub_uuid(request)
-    if not await runtime.store.delete_subscription(org, sub_uuid):
+    if not await subs.delete(runtime, org, sub_uuid):
         raise ApiError(404, "no such subscription")
     return web.Response(status=204)
 

@@ -10,6 +10,7 @@ handed back until the pause ends without spending an attempt.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import secrets
 import socket
@@ -42,19 +43,28 @@ BREAKER_MAX_PAUSE_S = 600.0
 class Breaker:
     """Per-origin circuit breaker: open after 5 consecutive failures, 30s doubling to 10m."""
 
+    first_pause_s: float = BREAKER_FIRST_PAUSE_S
     failures: int = 0
     pause_s: float = BREAKER_FIRST_PAUSE_S
     open_until: float = 0.0  # monotonic
     probing: bool = False
 
+    def __post_init__(self) -> None:
+        self.pause_s = self.first_pause_s
+
     def is_open(self, now: float) -> bool:
+        """Whether attempts must wait: paused, or a probe is still out."""
         return self.failures >= BREAKER_THRESHOLD and (now < self.open_until or self.probing)
+
+    def paused(self, now: float) -> bool:
+        """Whether the pause itself is running (not merely a probe in flight)."""
+        return self.failures >= BREAKER_THRESHOLD and now < self.open_until
 
     def record(self, success: bool, now: float) -> bool:
         """Count an attempt's result; True when this opened the circuit."""
         was_probe, self.probing = self.probing, False
         if success:
-            self.failures, self.pause_s = 0, BREAKER_FIRST_PAUSE_S
+            self.failures, self.pause_s = 0, self.first_pause_s
             return False
         self.failures += 1
         if was_probe:
@@ -87,6 +97,7 @@ class Dispatcher:
         metrics: Metrics,
         on_status_change: Callable[[StatusChange], None],
         policy: RetryPolicy | None = None,
+        breaker_pause_s: float = BREAKER_FIRST_PAUSE_S,
     ) -> None:
         self.config = config
         self.store = store
@@ -97,6 +108,7 @@ class Dispatcher:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.lease_ms = int(config.lease * 1000)
         self.disable_after_ms = int(config.disable_after * 1000)
+        self.breaker_pause_s = breaker_pause_s
         self.waiting_cap = max(64, config.per_destination * 32)
         self.held_cap = max(CLAIM_BATCH, config.max_in_flight * 4)
         self._origins: dict[str, Origin] = {}
@@ -118,6 +130,24 @@ class Dispatcher:
         """New work may be due (called right after an ingest commit)."""
         self._wake.set()
 
+    def forget_subscription(self, subscription: str) -> int:
+        """Drop claimed-but-waiting deliveries of a subscription whose rows were just cancelled."""
+        dropped = 0
+        for origin in self._origins.values():
+            keep = deque(d for d in origin.waiting if d.subscription != subscription)
+            gone = len(origin.waiting) - len(keep)
+            if gone:
+                for d in origin.waiting:
+                    if d.subscription == subscription:
+                        self._held.discard(d.id)
+                origin.waiting = keep
+                dropped += gone
+        return dropped
+
+    def stop_claiming(self) -> None:
+        """Claim and start nothing more (SIGTERM, before the listeners shut down); see stop()."""
+        self._stop.set()
+
     async def stop(self, grace_s: float) -> None:
         """Stop claiming, let attempts finish for up to grace_s, then hand back the rest."""
         self._stop.set()
@@ -127,13 +157,16 @@ class Dispatcher:
         for o in self._origins.values():
             o.waiting.clear()
         await self._release(waiting)
+        unfinished: list[int] = []
         if self._tasks:
             _, pending = await asyncio.wait(list(self._tasks.values()), timeout=grace_s)
+            # Taken before cancelling: a cancelled attempt drops its id from _held on the way out.
+            unfinished = list(self._held)
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
-        unfinished = list(self._held)
+        unfinished.extend(i for i in self._held if i not in unfinished)
         await self._release(unfinished)
         log.info("dispatcher_stopped", released=len(waiting) + len(unfinished), owner=self.owner)
 
@@ -163,23 +196,30 @@ class Dispatcher:
     async def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
-            room = min(self.config.max_in_flight - self._in_flight, self.held_cap - len(self._held))
-            claimed_full = False
-            if room > 0 and await self._due_now():
-                limit = min(room, CLAIM_BATCH)
-                try:
-                    claimed = await self.store.claim(self.owner, limit, self.lease_ms)
-                except StoreError as exc:
-                    log.error("claim_failed", error=str(exc))
-                    claimed = []
-                claimed_full = len(claimed) >= limit
-                await self._dispatch(claimed)
-                if claimed_full:
-                    await asyncio.sleep(0)  # let attempts start before claiming more
-                    continue
-            timeout = POLL_S if room <= 0 else self._next_due_in()
-            if timeout > 0:
+            try:
+                timeout = await self._claim_once()
+            except Exception as exc:
+                # The loop must outlive a bad moment of the store (disk full, I/O error); the
+                # leases of anything claimed run out on their own and the rows come back.
+                log.error("claim_failed", error=f"{type(exc).__name__}: {exc}")
+                timeout = POLL_S
+            if timeout is None:
+                await asyncio.sleep(0)  # let attempts start before claiming more
+            elif timeout > 0:
                 await self._wait(timeout)
+
+    async def _claim_once(self) -> float | None:
+        """Claim and dispatch one batch; return how long to wait (None: claim again now)."""
+        room = min(self.config.max_in_flight - self._in_flight, self.held_cap - len(self._held))
+        if room <= 0:
+            return POLL_S  # an attempt finishing wakes the loop
+        if await self._due_now():
+            limit = min(room, CLAIM_BATCH)
+            claimed = await self.store.claim(self.owner, limit, self.lease_ms)
+            await self._dispatch(claimed)
+            if len(claimed) >= limit:
+                return None
+        return self._next_due_in()
 
     async def _wait(self, timeout_s: float) -> None:
         waits = [
@@ -193,27 +233,43 @@ class Dispatcher:
                 w.cancel()
 
     async def _dispatch(self, claimed: list[ClaimedDelivery]) -> None:
-        now = time.monotonic()
+        if self._stop.is_set():  # stopped while this claim was in flight
+            await self._release([d.id for d in claimed if d.id not in self._held])
+            return
+        now, wall_ms = time.monotonic(), now_ms()
         give_back: dict[int, list[int]] = {}
         for d in claimed:
             if d.id in self._held:
                 continue  # already ours (its lease was just renewed)
             origin = self._origin(d.destination)
             breaker = origin.breaker
-            if breaker.is_open(now):
-                due = now_ms() + max(0, int((breaker.open_until - now) * 1000))
-                give_back.setdefault(due, []).append(d.id)
-            elif origin.in_flight < self.config.per_destination and not origin.waiting:
+            if breaker.paused(now):
+                give_back.setdefault(self._resume_ms(breaker, now, wall_ms), []).append(d.id)
+            elif (
+                origin.in_flight < self.config.per_destination
+                and not origin.waiting
+                and not breaker.is_open(now)
+            ):
                 self._start(origin, d)
             elif len(origin.waiting) < self.waiting_cap:
+                # Also while a probe is out: its answer decides whether these go or wait.
                 self._held.add(d.id)
                 origin.waiting.append(d)
             else:
                 backlog = len(origin.waiting) / self.config.per_destination
                 delay_ms = int(min(5.0, max(0.02, origin.latency_s * backlog)) * 1000)
-                give_back.setdefault(now_ms() + delay_ms, []).append(d.id)
+                give_back.setdefault(wall_ms + delay_ms, []).append(d.id)
         for due, ids in give_back.items():
             await self._release(ids, due)
+
+    def _resume_ms(self, breaker: Breaker, now: float, wall_ms: int) -> int:
+        """When rows handed back by a paused origin are due again.
+
+        At most one lease away: the pause lives in memory only, so a restarted process must not
+        find rows held back by a pause it knows nothing about for longer than that.
+        """
+        wait_s = min(max(0.0, breaker.open_until - now), self.config.lease)
+        return wall_ms + math.ceil(wait_s * 1000) + 1
 
     def _origin(self, destination: str) -> Origin:
         try:
@@ -222,7 +278,7 @@ class Dispatcher:
             name = destination
         origin = self._origins.get(name)
         if origin is None:
-            origin = self._origins[name] = Origin(name)
+            origin = self._origins[name] = Origin(name, breaker=Breaker(self.breaker_pause_s))
         return origin
 
     def _start(self, origin: Origin, d: ClaimedDelivery) -> None:
@@ -315,13 +371,22 @@ class Dispatcher:
         )
         if change is not None:
             self.on_status_change(change)
+            if change.new == "DISABLED":
+                await self._drop_waiting(origin, d.subscription)
+
+    async def _drop_waiting(self, origin: Origin, subscription: str) -> None:
+        """Hand back a just-disabled subscription's waiting rows: the next claim fails them."""
+        ids = [w.id for w in origin.waiting if w.subscription == subscription]
+        if ids:
+            origin.waiting = deque(w for w in origin.waiting if w.subscription != subscription)
+            await self._release(ids)
 
     def _next_for(self, origin: Origin) -> None:
         now = time.monotonic()
-        if origin.waiting and origin.breaker.is_open(now):
+        if origin.waiting and origin.breaker.paused(now):
             ids = [d.id for d in origin.waiting]
             origin.waiting.clear()
-            due = now_ms() + max(0, int((origin.breaker.open_until - now) * 1000))
+            due = self._resume_ms(origin.breaker, now, now_ms())
             task = asyncio.get_running_loop().create_task(self._release(ids, due))
             self._tasks[-id(task)] = task
             task.add_done_callback(lambda t: self._tasks.pop(-id(t), None))

@@ -62,16 +62,23 @@ def configure(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA foreign_keys = ON")
 
 
+def check_version(conn: sqlite3.Connection) -> int:
+    """The file's schema version; SchemaTooNewError if a newer pusherd wrote it."""
+    current = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    supported = latest_version()
+    if current > supported:
+        raise SchemaTooNewError(
+            f"database schema version {current} is newer than this pusherd supports "
+            f"({supported}); upgrade pusherd or restore a backup — the file was not changed"
+        )
+    return current
+
+
 def migrate(conn: sqlite3.Connection, target: int | None = None) -> int:
     """Apply pending migrations in order (each in its own transaction); return the version."""
     steps = migrations()
     target = len(steps) if target is None else target
-    current = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    if current > len(steps):
-        raise SchemaTooNewError(
-            f"database schema version {current} is newer than this pusherd supports "
-            f"({len(steps)}); upgrade pusherd or restore a backup — the file was not changed"
-        )
+    current = check_version(conn)
     for version, sql in steps[current:target]:
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -102,6 +109,8 @@ def connect_sync(path: str | Path) -> sqlite3.Connection:
     """A configured, migrated autocommit connection (CLI commands and the writer use this)."""
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
     try:
+        # Before configure(): switching a newer file to WAL would already change it.
+        check_version(conn)
         configure(conn)
         migrate(conn)
     except BaseException:
