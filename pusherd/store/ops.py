@@ -1,0 +1,140 @@
+"""Operator commands on the database file (replay, backup), as plain synchronous functions.
+
+The CLI runs them through `connect_sync` next to a running daemon: SQLite's locking and WAL make
+that safe, and the daemon's dispatcher picks re-queued rows up on its next poll.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pusherd.clock import now_ms
+
+
+@dataclass(frozen=True)
+class SubscriptionState:
+    """What replay needs to know about a subscription."""
+
+    uuid: str
+    organization: str
+    status: str
+
+
+@dataclass(frozen=True)
+class BackupSummary:
+    """What `pusherd backup` reports."""
+
+    path: str
+    size_bytes: int
+    schema_version: int
+    subscriptions: int
+    events: int
+    deliveries: int
+    pending: int
+
+
+def find_subscription(conn: sqlite3.Connection, uuid: str) -> SubscriptionState | None:
+    """A subscription that is not deleted, or None."""
+    row = conn.execute(
+        "SELECT uuid, organization, status FROM subscriptions"
+        " WHERE uuid = ? AND deleted_ms IS NULL",
+        (uuid,),
+    ).fetchone()
+    return None if row is None else SubscriptionState(row[0], row[1], row[2])
+
+
+def replay_deliveries(
+    conn: sqlite3.Connection, subscription: str, since_ms: int | None, status: str | None
+) -> int:
+    """Re-queue a subscription's finished deliveries (created since since_ms, of one status)."""
+    where = ["subscription = ?", "status IN ('delivered', 'failed')"]
+    params: list[Any] = [subscription]
+    if since_ms is not None:
+        where.append("created_ms >= ?")
+        params.append(since_ms)
+    if status is not None:
+        where.append("status = ?")
+        params.append(status)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        cur = conn.execute(
+            "UPDATE deliveries SET status = 'pending', due_ms = ?, finished_ms = NULL,"
+            " schedule_pos = 0, lease_owner = NULL, lease_until_ms = NULL"
+            f" WHERE {' AND '.join(where)}",
+            (now_ms(), *params),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return cur.rowcount
+
+
+def backup_to(conn: sqlite3.Connection, dest: str | os.PathLike[str]) -> BackupSummary:
+    """Copy the database to dest with SQLite's online backup; never overwrites dest.
+
+    The copy is taken in one step, i.e. from one read snapshot: in WAL mode the daemon keeps
+    writing meanwhile, and the copy is exactly the state of one moment. It is written next to
+    dest under a temporary name, synced, and then hard-linked into place, which fails
+    (FileExistsError) instead of replacing a file that appeared in the meantime.
+    """
+    target = Path(dest)
+    if target.exists() or target.is_symlink():
+        raise FileExistsError(str(target))
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        partial.unlink()
+    try:
+        out = sqlite3.connect(str(partial), isolation_level=None)
+        try:
+            conn.backup(out, pages=-1)
+            # A self-contained single file: no -wal beside it is needed to read it.
+            out.execute("PRAGMA journal_mode = DELETE")
+            summary = _summarise(out, target)
+        finally:
+            out.close()
+        with open(partial, "rb") as fh:
+            os.fsync(fh.fileno())
+        try:
+            os.link(partial, target)
+        except FileExistsError:
+            raise
+        except OSError:
+            # No hard links on this file system: a rename, after one last check.
+            if target.exists():
+                raise FileExistsError(str(target)) from None
+            os.rename(partial, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+    _fsync_dir(target.parent)
+    return BackupSummary(**{**summary.__dict__, "size_bytes": target.stat().st_size})
+
+
+def _summarise(conn: sqlite3.Connection, target: Path) -> BackupSummary:
+    def count(sql: str) -> int:
+        return int(conn.execute(sql).fetchone()[0])
+
+    return BackupSummary(
+        path=str(target),
+        size_bytes=0,
+        schema_version=count("PRAGMA user_version"),
+        subscriptions=count("SELECT count(*) FROM subscriptions WHERE deleted_ms IS NULL"),
+        events=count("SELECT count(*) FROM events"),
+        deliveries=count("SELECT count(*) FROM deliveries"),
+        pending=count("SELECT count(*) FROM deliveries WHERE status = 'pending'"),
+    )
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(str(path), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
