@@ -5,12 +5,15 @@ from __future__ import annotations
 import sqlite3
 import uuid as uuidlib
 from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 import orjson
 
 from pusherd.clock import iso_ms, now_ms
-from pusherd.store.db import Database
+from pusherd.store.db import Database, StoreError
 from pusherd.store.models import IngestResult, NewEvent
+
+T = TypeVar("T")
 
 # (event_name, subscription event_names, subscription scopes) -> wanted?
 Matcher = Callable[[str, Sequence[str], Sequence[str]], bool]
@@ -68,6 +71,18 @@ def _targets(conn: sqlite3.Connection, organization: str) -> list[tuple[str, lis
     return [(r[0], orjson.loads(r[1]), orjson.loads(r[2])) for r in rows]
 
 
+def _storage_errors(fn: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
+    """Report a write the database refused (disk full, I/O error) as StoreError: 503, not 500."""
+
+    def wrapped(conn: sqlite3.Connection) -> T:
+        try:
+            return fn(conn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"could not store events: {exc}") from exc
+
+    return wrapped
+
+
 class EventStore:
     """Ingest (mixed into SqliteStore)."""
 
@@ -76,6 +91,7 @@ class EventStore:
     async def ingest(self, events: Sequence[NewEvent], matches: Matcher) -> list[IngestResult]:
         """Store events and their deliveries atomically (all or nothing) in a group commit."""
 
+        @_storage_errors
         def fn(conn: sqlite3.Connection) -> list[IngestResult]:
             now = now_ms()
             targets: dict[str, list[tuple[str, list[str], list[str]]]] = {}
@@ -95,6 +111,7 @@ class EventStore:
     async def send_to(self, event: NewEvent, subscriptions: Sequence[str]) -> IngestResult:
         """Store one event addressed to the given subscriptions only (test sends)."""
 
+        @_storage_errors
         def fn(conn: sqlite3.Connection) -> IngestResult:
             return insert_event(conn, event, now_ms(), subscriptions)
 

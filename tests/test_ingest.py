@@ -1,0 +1,343 @@
+"""POST /events (SPEC §5): answers, idempotency, batches, errors, matching, order."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import pytest
+
+from pusherd.store.db import connect_sync
+from tests.conftest import ORG, OTHER_ORG, Harness, Receiver
+
+HarnessFactory = Callable[..., Awaitable[Harness]]
+ReceiverFactory = Callable[..., Awaitable[Receiver]]
+
+
+def event(name: str = "ProductCreated", org: str = ORG, **extra: Any) -> dict[str, Any]:
+    """One ingest event body."""
+    return {"eventName": name, "organizationUuid": org, "payload": {"n": 1}, **extra}
+
+
+async def post(h: Harness, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """POST raw JSON (or bytes) to /events; return status and parsed body."""
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    resp = await h.ingest.post(
+        "/events", data=data, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+    return resp.status, orjson.loads(await resp.read())
+
+
+def assert_error(status: int, body: Any, expected: int) -> None:
+    assert status == expected, body
+    assert body["status"] == "error"
+    assert isinstance(body["message"], str) and body["message"]
+
+
+def stored_events(h: Harness) -> int:
+    """How many events the database file holds, read on a separate connection."""
+    conn = connect_sync(h.config.storage.path)
+    try:
+        return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def stored_deliveries(h: Harness) -> int:
+    conn = connect_sync(h.config.storage.path)
+    try:
+        return int(conn.execute("SELECT count(*) FROM deliveries").fetchone()[0])
+    finally:
+        conn.close()
+
+
+# -- answers ---------------------------------------------------------------------------------
+
+
+async def test_single_event_answers_202_with_uuid_id_and_delivery_count(
+    harness: Harness, receiver_factory: ReceiverFactory
+) -> None:
+    token = harness.token()
+    a, b = await receiver_factory(), await receiver_factory()
+    await harness.subscribe(token, a.url, ["ProductCreated"])
+    await harness.subscribe(token, b.url, ["ProductCreated", "ProductUpdated"])
+
+    status, body = await post(harness, event(messageId="order-1"))
+    assert status == 202
+    assert set(body) == {"messageUuid", "messageId", "deliveries"}
+    assert uuid.UUID(body["messageUuid"])
+    assert body["messageId"] == "order-1"
+    assert body["deliveries"] == 2
+
+    status, body = await post(harness, event("ProductUpdated"))
+    assert status == 202
+    assert body["deliveries"] == 1
+    assert str(uuid.UUID(body["messageId"])) == body["messageId"]  # generated when absent
+    await b.wait_for(1, "ProductUpdated")
+    assert b.events("ProductUpdated")[0]["messageId"] == body["messageId"]
+
+
+async def test_event_without_subscribers_is_stored_with_zero_deliveries(harness: Harness) -> None:
+    status, body = await post(harness, event(payload=None))
+    assert status == 202
+    assert body["deliveries"] == 0
+    assert stored_events(harness) == 1
+
+
+async def test_batch_answers_an_array_in_order(harness: Harness, receiver: Receiver) -> None:
+    token = harness.token()
+    await harness.subscribe(token, receiver.url, ["ProductCreated"])
+    items = [
+        event(messageId="b-1"),
+        event("InvoiceCreated", messageId="b-2"),
+        event(messageId="b-3", payload=[1, 2, 3]),
+    ]
+    status, body = await post(harness, items)
+    assert status == 202
+    assert [r["messageId"] for r in body] == ["b-1", "b-2", "b-3"]
+    assert [r["deliveries"] for r in body] == [1, 0, 1]
+    assert len({r["messageUuid"] for r in body}) == 3
+    assert all("duplicate" not in r or r["duplicate"] is False for r in body)
+    await receiver.wait_for(2, "ProductCreated")
+    got = {e["messageId"]: e["messageUuid"] for e in receiver.events("ProductCreated")}
+    assert got == {"b-1": body[0]["messageUuid"], "b-3": body[2]["messageUuid"]}
+
+
+async def test_batch_of_1000_is_accepted(harness: Harness) -> None:
+    status, body = await post(harness, [event() for _ in range(1000)])
+    assert status == 202
+    assert len(body) == 1000
+    assert stored_events(harness) == 1000
+
+
+# -- idempotency -------------------------------------------------------------------------------
+
+
+async def test_repeated_message_id_answers_200_with_original_uuid_and_no_second_fan_out(
+    harness: Harness, receiver: Receiver
+) -> None:
+    token = harness.token()
+    await harness.subscribe(token, receiver.url, ["ProductCreated"])
+    await receiver.wait_for(1, "TestMessage")
+
+    status, first = await post(harness, event(messageId="m-1"))
+    assert status == 202
+    status, again = await post(harness, event(messageId="m-1", payload={"other": True}))
+    assert status == 200
+    assert again["messageUuid"] == first["messageUuid"]
+    assert again["messageId"] == "m-1"
+
+    await harness.idle()
+    assert len(receiver.events("ProductCreated")) == 1
+    assert orjson.loads(receiver.events("ProductCreated")[0]["payload"]) == {"n": 1}
+    assert stored_events(harness) == 2  # the TestMessage and m-1
+
+
+async def test_message_id_is_per_organization(harness: Harness) -> None:
+    status, mine = await post(harness, event(messageId="shared"))
+    assert status == 202
+    status, theirs = await post(harness, event(org=OTHER_ORG, messageId="shared"))
+    assert status == 202
+    assert theirs["messageUuid"] != mine["messageUuid"]
+
+
+async def test_batch_marks_duplicates_also_within_the_batch(
+    harness: Harness, receiver: Receiver
+) -> None:
+    token = harness.token()
+    await harness.subscribe(token, receiver.url, ["ProductCreated"])
+    await receiver.wait_for(1, "TestMessage")
+    status, old = await post(harness, event(messageId="seen"))
+    assert status == 202
+
+    items = [
+        event(messageId="new"),
+        event(messageId="seen"),
+        event(messageId="new"),
+        event(messageId="other"),
+    ]
+    status, body = await post(harness, items)
+    assert status == 202
+    assert [r.get("duplicate", False) for r in body] == [False, True, True, False]
+    assert body[1]["messageUuid"] == old["messageUuid"]
+    assert body[2]["messageUuid"] == body[0]["messageUuid"]
+    assert [r["messageId"] for r in body] == ["new", "seen", "new", "other"]
+
+    await harness.idle()
+    ids = sorted(e["messageId"] for e in receiver.events("ProductCreated"))
+    assert ids == ["new", "other", "seen"]
+
+
+# -- batches are all or nothing -------------------------------------------------------------
+
+
+async def test_one_bad_event_rejects_the_whole_batch(harness: Harness, receiver: Receiver) -> None:
+    token = harness.token()
+    await harness.subscribe(token, receiver.url, ["ProductCreated"])
+    await receiver.wait_for(1, "TestMessage")
+    before = stored_events(harness)
+
+    items = [event(messageId="r-1"), event(messageId="r-2"), event("NoSuchEvent")]
+    status, body = await post(harness, items)
+    assert_error(status, body, 400)
+    assert "NoSuchEvent" in body["message"]
+    assert stored_events(harness) == before
+
+    # Nothing of the batch was kept: the same ids are new, not duplicates.
+    status, body = await post(harness, items[:2])
+    assert status == 202
+    assert [r.get("duplicate", False) for r in body] == [False, False]
+    await harness.idle()
+    assert sorted(e["messageId"] for e in receiver.events("ProductCreated")) == ["r-1", "r-2"]
+
+
+@pytest.mark.parametrize("size", [0, 1001])
+async def test_empty_or_oversized_batch_is_400(harness: Harness, size: int) -> None:
+    status, body = await post(harness, [event() for _ in range(size)])
+    assert_error(status, body, 400)
+    assert stored_events(harness) == 0
+
+
+# -- validation --------------------------------------------------------------------------------
+
+BAD_BODIES: list[tuple[str, Any]] = [
+    ("not json", b"{not json"),
+    ("empty body", b""),
+    ("not an object", 42),
+    ("missing eventName", {"organizationUuid": ORG, "payload": {}}),
+    ("missing organizationUuid", {"eventName": "ProductCreated", "payload": {}}),
+    ("missing payload", {"eventName": "ProductCreated", "organizationUuid": ORG}),
+    ("unknown eventName", event("NoSuchEvent")),
+    ("eventName not a string", event(eventName=7)),
+    ("bad organization UUID", event(org="not-a-uuid")),
+    ("timestamp not ISO-8601", event(timestamp="yesterday at noon")),
+    ("timestamp impossible date", event(timestamp="2024-13-45T10:00:00Z")),
+    ("timestamp a number", event(timestamp=1700000000)),
+    ("bad item in batch", [event(), "not an object"]),
+]
+
+
+@pytest.mark.parametrize(("case", "body"), BAD_BODIES, ids=[c for c, _ in BAD_BODIES])
+async def test_invalid_events_are_400(harness: Harness, case: str, body: Any) -> None:
+    status, answer = await post(harness, body)
+    assert_error(status, answer, 400)
+    assert stored_events(harness) == 0
+
+
+async def test_ingest_token_guards_post_events_only(harness_factory: HarnessFactory) -> None:
+    h = await harness_factory(ingest={"token": "s3cret-ingest-token"})
+    status, body = await post(h, event())
+    assert_error(status, body, 401)
+    status, body = await post(h, event(), headers={"Authorization": "Bearer wrong"})
+    assert_error(status, body, 401)
+    assert stored_events(h) == 0
+
+    resp = await h.ingest.post(
+        "/events", json=event(), headers={"Authorization": "Bearer s3cret-ingest-token"}
+    )
+    assert resp.status == 202
+    for client in (h.ingest, h.api):
+        resp = await client.get("/healthz")
+        assert resp.status == 200
+        assert await resp.json() == {"status": "ok"}
+
+
+async def test_body_over_max_body_is_413(harness_factory: HarnessFactory) -> None:
+    h = await harness_factory(ingest={"max_body": "1KiB"})
+    status, body = await post(h, event(payload="x" * 2000))
+    assert_error(status, body, 413)
+    assert stored_events(h) == 0
+    status, body = await post(h, event(payload="x" * 500))
+    assert status == 202
+
+
+async def test_store_that_cannot_commit_answers_503_and_acknowledges_nothing(
+    harness: Harness, receiver: Receiver
+) -> None:
+    token = harness.token()
+    await harness.subscribe(token, receiver.url, ["ProductCreated"])
+    await receiver.wait_for(1, "TestMessage")
+    await harness.idle()
+    before = stored_events(harness)
+
+    # A full disk, as SQLite sees one: the writer may not grow the file any more.
+    writer: sqlite3.Connection = harness.runtime.store.db.writer  # type: ignore[attr-defined]
+    pages = writer.execute("PRAGMA page_count").fetchone()[0]
+    writer.execute(f"PRAGMA max_page_count = {pages}")
+    big = {"blob": "x" * 200_000}
+    status, body = await post(harness, event(messageId="full-1", payload=big))
+    assert_error(status, body, 503)
+    status, body = await post(harness, [event(messageId="full-2"), event(payload=big)])
+    assert_error(status, body, 503)
+
+    writer.execute("PRAGMA max_page_count = 1073741823")
+    assert stored_events(harness) == before
+    # Nothing was acknowledged: the same messageIds are new now.
+    status, body = await post(harness, event(messageId="full-1", payload=big))
+    assert status == 202
+    status, body = await post(harness, event(messageId="full-2"))
+    assert status == 202
+    await receiver.wait_for(2, "ProductCreated")
+
+
+# -- matching ----------------------------------------------------------------------------------
+
+
+async def test_deliveries_go_to_matching_live_subscriptions_of_the_same_organization(
+    harness: Harness, receiver_factory: ReceiverFactory
+) -> None:
+    named, product_wild, finance_wild, other_org, gone = [await receiver_factory() for _ in "12345"]
+    gone.statuses = [410]
+    await harness.subscribe(harness.token(), named.url, ["ProductCreated"])
+    await harness.subscribe(harness.token(scopes=("READ:PRODUCT",)), product_wild.url, [])
+    await harness.subscribe(harness.token(scopes=("READ:FINANCE",)), finance_wild.url, [])
+    await harness.subscribe(harness.token(org=OTHER_ORG), other_org.url, ["ProductCreated"])
+    await harness.subscribe(harness.token(), gone.url, ["ProductCreated"])
+    await gone.wait_for(1, "TestMessage")  # answered 410: that subscription is DISABLED
+    await harness.idle()
+
+    expected = {
+        "ProductCreated": 2,  # named + product wildcard
+        "InventoryBalanceChanged": 1,  # product wildcard
+        "InvoiceCreated": 1,  # finance wildcard
+        "PurchaseCreated": 0,  # nobody holds READ:PURCHASE
+        "ApplicationConnectionRemoved": 2,  # any scope: both wildcards
+    }
+    for name, count in expected.items():
+        status, body = await post(harness, event(name, messageId=name))
+        assert status == 202
+        assert body["deliveries"] == count, name
+    await harness.idle()
+
+    def names(r: Receiver) -> list[str]:
+        return sorted(e["eventName"] for e in r.events() if e["eventName"] != "TestMessage")
+
+    assert names(named) == ["ProductCreated"]
+    assert names(product_wild) == [
+        "ApplicationConnectionRemoved",
+        "InventoryBalanceChanged",
+        "ProductCreated",
+    ]
+    assert names(finance_wild) == ["ApplicationConnectionRemoved", "InvoiceCreated"]
+    assert names(other_org) == []
+    assert names(gone) == []
+
+
+async def test_events_reach_a_subscriber_in_ingest_order(
+    harness: Harness, receiver: Receiver
+) -> None:
+    token = harness.token()
+    await harness.subscribe(token, receiver.url, ["ProductCreated"])
+    await receiver.wait_for(1, "TestMessage")
+    sent = []
+    for i in range(20):
+        body = await harness.emit(messageId=f"single-{i}")
+        sent.append(body["messageId"])
+    status, body = await post(harness, [event(messageId=f"batch-{i}") for i in range(30)])
+    assert status == 202
+    sent += [r["messageId"] for r in body]
+    await receiver.wait_for(len(sent), "ProductCreated")
+    assert [e["messageId"] for e in receiver.events("ProductCreated")] == sent
