@@ -235,7 +235,7 @@ async def delete(request: web.Request) -> web.Response:
     """DELETE /api/webhooks/register: remove it and cancel its pending deliveries."""
     runtime = request.app[RUNTIME]
     sub = _chosen_one(request)
-    if not await runtime.store.delete_subscription(sub.organization, sub.uuid):
+    if not await subs.delete(runtime, sub.organization, sub.uuid):
         raise ApiError(404, "no such webhook")
     return success(message="Webhook deleted successfully")
 
@@ -262,6 +262,7 @@ async def generate_secret(request: web.Request) -> web.Response:
     )
     if not rotated:
         raise ApiError(404, "no such webhook")
+    await runtime.dispatcher.refresh_subscription(sub.uuid)
     return success(
         {"secret": secret, "webhookId": sub.uuid},
         "Secret generated; the previous one keeps signing alongside it for 24 hours",

@@ -155,7 +155,8 @@ async def update(
         status=changes.status,
     )
     sub = await runtime.store.update_subscription(token.organization, sub_uuid, changes)
-    if sub is not None and changes.status == "ACTIVE":
+    if sub is not None:
+        await runtime.dispatcher.refresh_subscription(sub_uuid)
         runtime.dispatcher.wake()
     return sub
 
@@ -164,5 +165,5 @@ async def delete(runtime: Runtime, organization: str, sub_uuid: str) -> bool:
     """Delete a subscription and cancel its pending deliveries, also those already claimed."""
     if not await runtime.store.delete_subscription(organization, sub_uuid):
         return False
-    runtime.dispatcher.forget_subscription(sub_uuid)
+    await runtime.dispatcher.refresh_subscription(sub_uuid)
     return True

@@ -130,19 +130,20 @@ class Dispatcher:
         """New work may be due (called right after an ingest commit)."""
         self._wake.set()
 
-    def forget_subscription(self, subscription: str) -> int:
-        """Drop claimed-but-waiting deliveries of a subscription whose rows were just cancelled."""
-        dropped = 0
+    async def refresh_subscription(self, subscription: str) -> int:
+        """Hand back a changed subscription's claimed-but-waiting rows.
+
+        They were read at claim time; after a destination, key or status change (or a delete)
+        the next claim reads the subscription afresh (and fails or skips the rows it must).
+        """
+        ids: list[int] = []
         for origin in self._origins.values():
-            keep = deque(d for d in origin.waiting if d.subscription != subscription)
-            gone = len(origin.waiting) - len(keep)
-            if gone:
-                for d in origin.waiting:
-                    if d.subscription == subscription:
-                        self._held.discard(d.id)
-                origin.waiting = keep
-                dropped += gone
-        return dropped
+            mine = [d.id for d in origin.waiting if d.subscription == subscription]
+            if mine:
+                origin.waiting = deque(d for d in origin.waiting if d.subscription != subscription)
+                ids.extend(mine)
+        await self._release(ids)
+        return len(ids)
 
     def stop_claiming(self) -> None:
         """Claim and start nothing more (SIGTERM, before the listeners shut down); see stop()."""
@@ -372,14 +373,7 @@ class Dispatcher:
         if change is not None:
             self.on_status_change(change)
             if change.new == "DISABLED":
-                await self._drop_waiting(origin, d.subscription)
-
-    async def _drop_waiting(self, origin: Origin, subscription: str) -> None:
-        """Hand back a just-disabled subscription's waiting rows: the next claim fails them."""
-        ids = [w.id for w in origin.waiting if w.subscription == subscription]
-        if ids:
-            origin.waiting = deque(w for w in origin.waiting if w.subscription != subscription)
-            await self._release(ids)
+                await self.refresh_subscription(d.subscription)
 
     def _next_for(self, origin: Origin) -> None:
         now = time.monotonic()
