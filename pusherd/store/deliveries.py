@@ -26,6 +26,29 @@ _VIEW = (
 )
 
 
+# A finished delivery queued again gets a fresh retry schedule; its attempt count keeps growing.
+_REQUEUE = (
+    "UPDATE deliveries SET status = 'pending', due_ms = ?, finished_ms = NULL,"
+    " schedule_pos = 0, lease_owner = NULL, lease_until_ms = NULL"
+)
+
+
+def requeue_finished(
+    conn: sqlite3.Connection, subscription: str, since_ms: int | None, status: str | None
+) -> int:
+    """Re-queue a subscription's delivered/failed deliveries (created since since_ms, of status)."""
+    where = ["subscription = ?", "status IN ('delivered', 'failed')"]
+    params: list[Any] = [subscription]
+    if since_ms is not None:
+        where.append("created_ms >= ?")
+        params.append(since_ms)
+    if status is not None:
+        where.append("status = ?")
+        params.append(status)
+    cur = conn.execute(f"{_REQUEUE} WHERE {' AND '.join(where)}", (now_ms(), *params))
+    return cur.rowcount
+
+
 def _view(r: Sequence[Any], attempts: tuple[AttemptRecord, ...] = ()) -> DeliveryView:
     return DeliveryView(
         id=r[0],
@@ -248,36 +271,14 @@ class DeliveryStore:
                 return "missing"
             if row[0] == "pending":
                 return "pending"
-            conn.execute(
-                "UPDATE deliveries SET status = 'pending', due_ms = ?, finished_ms = NULL,"
-                " schedule_pos = 0, lease_owner = NULL, lease_until_ms = NULL WHERE id = ?",
-                (now_ms(), delivery_id),
-            )
+            conn.execute(f"{_REQUEUE} WHERE id = ?", (now_ms(), delivery_id))
             return "queued"
 
         return await self.db.write(fn)
 
     async def replay(self, subscription: str, since_ms: int | None, status: str | None) -> int:
         """Re-queue a subscription's finished deliveries (optionally since a time / of a status)."""
-
-        def fn(conn: sqlite3.Connection) -> int:
-            where = ["subscription = ?", "status IN ('delivered', 'failed')"]
-            params: list[Any] = [subscription]
-            if since_ms is not None:
-                where.append("created_ms >= ?")
-                params.append(since_ms)
-            if status is not None:
-                where.append("status = ?")
-                params.append(status)
-            cur = conn.execute(
-                "UPDATE deliveries SET status = 'pending', due_ms = ?, finished_ms = NULL,"
-                " schedule_pos = 0, lease_owner = NULL, lease_until_ms = NULL"
-                f" WHERE {' AND '.join(where)}",
-                (now_ms(), *params),
-            )
-            return cur.rowcount
-
-        return await self.db.write(fn)
+        return await self.db.write(lambda c: requeue_finished(c, subscription, since_ms, status))
 
     async def list_deliveries(
         self, subscription: str, status: str | None, limit: int, before_id: int | None

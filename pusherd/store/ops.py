@@ -11,9 +11,8 @@ import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from pusherd.clock import now_ms
+from pusherd.store.deliveries import requeue_finished
 
 
 @dataclass(frozen=True)
@@ -51,28 +50,15 @@ def find_subscription(conn: sqlite3.Connection, uuid: str) -> SubscriptionState 
 def replay_deliveries(
     conn: sqlite3.Connection, subscription: str, since_ms: int | None, status: str | None
 ) -> int:
-    """Re-queue a subscription's finished deliveries (created since since_ms, of one status)."""
-    where = ["subscription = ?", "status IN ('delivered', 'failed')"]
-    params: list[Any] = [subscription]
-    if since_ms is not None:
-        where.append("created_ms >= ?")
-        params.append(since_ms)
-    if status is not None:
-        where.append("status = ?")
-        params.append(status)
+    """Re-queue a subscription's finished deliveries in a transaction of its own."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        cur = conn.execute(
-            "UPDATE deliveries SET status = 'pending', due_ms = ?, finished_ms = NULL,"
-            " schedule_pos = 0, lease_owner = NULL, lease_until_ms = NULL"
-            f" WHERE {' AND '.join(where)}",
-            (now_ms(), *params),
-        )
+        count = requeue_finished(conn, subscription, since_ms, status)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    return cur.rowcount
+    return count
 
 
 def backup_to(conn: sqlite3.Connection, dest: str | os.PathLike[str]) -> BackupSummary:
