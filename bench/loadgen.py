@@ -22,7 +22,7 @@ import orjson
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import event, envelope  # noqa: E402
+from common import envelope, event
 
 JSON = {"Content-Type": "application/json"}
 

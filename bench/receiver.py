@@ -1,7 +1,7 @@
 """Benchmark receiver: aiohttp + uvloop, one process, several ports.
 
 Run as a separate process by bench/run.py. Each `--port` answers 200 to every POST and records, per
-port, the CLOCK_MONOTONIC arrival time of every distinct messageId (TestMessages are answered but not
+port, the CLOCK_MONOTONIC arrival time of every distinct messageId (TestMessages are answered, not
 counted). Each `--hang-port` accepts the request and never answers (the sender's timeout ends it).
 `--control-port` serves the bench: GET /stats?port=P[&at=K] -> {count, first, last, at},
 GET /arrivals?port=P -> {messageId: t}, POST /reset?port=P.

@@ -6,9 +6,10 @@ Everything runs on loopback, each part in its own process: `pusherd serve` (a re
 temporary SQLite file, log level "warning" so that logging stays out of the figures), the receiver
 (bench/receiver.py: aiohttp + uvloop, answers 200, records the arrival time of each messageId), the
 bare baseline server (bench/baseline_ingest.py) and the load generators (`wrk` when installed, else
-bench/loadgen.py; always bench/loadgen.py for fills, e2e and the deliver baseline). Nothing generates
-load inside the daemon's process. Every figure is the median of `--runs` (>= 3) runs; ratios are
-ratios of medians. Times are CLOCK_MONOTONIC (system-wide on Linux, so comparable across processes).
+bench/loadgen.py; always bench/loadgen.py for fills, e2e and the deliver baseline). Nothing
+generates load inside the daemon's process. Every figure is the median of `--runs` (>= 3) runs;
+ratios are ratios of medians. Times are CLOCK_MONOTONIC (system-wide on Linux, so comparable
+across processes).
 
 How each figure is taken (SPEC §7):
 - ingest_rps: 64 connections, single-event requests (~1 KiB), for a fixed time; every event matches
@@ -48,7 +49,6 @@ import os
 import re
 import shutil
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -119,7 +119,7 @@ class Settings:
     batch_baseline_n: int
 
 
-QUICK = Settings(3, 3.0, 20_000, 3.0, 1000.0, 200_000, 20_000, 10_000, 20_000)
+QUICK = Settings(3, 2.0, 20_000, 2.0, 1000.0, 200_000, 20_000, 5_000, 20_000)
 FULL = Settings(5, 10.0, 20_000, 10.0, 1000.0, 1_000_000, 20_000, 20_000, 50_000)
 
 
@@ -296,8 +296,21 @@ class Daemon:
     def token(self, org: str) -> str:
         """A token for org via `pusherd token create`."""
         out = subprocess.run(
-            [PY, "-m", "pusherd", "token", "create", "--config", str(self.config)]
-            + ["--org", org, "--scope", SCOPE, "--name", "bench"],
+            [
+                PY,
+                "-m",
+                "pusherd",
+                "token",
+                "create",
+                "--config",
+                str(self.config),
+                "--org",
+                org,
+                "--scope",
+                SCOPE,
+                "--name",
+                "bench",
+            ],
             check=True,
             capture_output=True,
             cwd=ROOT,
@@ -371,7 +384,7 @@ def http_load(url: str, body_file: Path, conns: int, seconds: float, workdir: Pa
         'wrk.method = "POST"\n'
         'wrk.headers["Content-Type"] = "application/json"\n'
         f'local f = io.open("{body_file}", "rb")\n'
-        "wrk.body = f:read(\"*a\")\nf:close()\n"
+        'wrk.body = f:read("*a")\nf:close()\n'
     )
     out = subprocess.run(
         [wrk, "-t1", f"-c{conns}", f"-d{seconds:g}s", "--latency", "-s", str(script), url],
@@ -593,7 +606,7 @@ def phase_backlog(
     s: Settings, daemon: Daemon, recv: Receiver, port: int, org: str, res: Results
 ) -> None:
     """Fill the backlog with the receiver stopped, then drain windows of s.window each."""
-    total = s.backlog + s.runs * s.window
+    total = s.backlog + (s.runs - 1) * s.window  # the last window starts at s.backlog
     say(f"backlog: filling {total:,} deliveries (receiver stopped)")
     recv.reset(port)
     recv.pause()
@@ -654,7 +667,10 @@ def phase_isolation(s: Settings, procs: Procs, workdir: Path, res: Results) -> N
             daemon.unsubscribe(iso_token, bad)
             res.add("isolation_solo_rps", solo)
             res.add("isolation_hang_rps", with_hang)
-            say(f"isolation run {i + 1}: solo {solo:.0f}/s, next to a hanging origin {with_hang:.0f}/s")
+            say(
+                f"isolation run {i + 1}: solo {solo:.0f}/s,"
+                f" next to a hanging origin {with_hang:.0f}/s"
+            )
     finally:
         daemon.stop()
         procs.stop(recv.proc)
@@ -751,7 +767,10 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object with the figures")
     p.add_argument("--runs", type=int, help="runs per figure (at least 3)")
     p.add_argument(
-        "--only", choices=["intake", "delivery", "isolation"], action="append", help=argparse.SUPPRESS
+        "--only",
+        choices=["intake", "delivery", "isolation"],
+        action="append",
+        help=argparse.SUPPRESS,
     )
     a = p.parse_args()
     s = QUICK if a.quick else FULL

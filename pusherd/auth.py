@@ -27,8 +27,10 @@ def bearer(request: web.Request) -> str | None:
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """401 without a valid token; then the rate limit, whose headers go on every answer."""
-    if request.path in PUBLIC_PATHS or request.match_info.http_exception is not None:
+    if request.path in PUBLIC_PATHS:
         return await handler(request)
+    if request.match_info.http_exception is not None and "Authorization" not in request.headers:
+        return await handler(request)  # an unknown route or method, asked anonymously
     runtime = request.app[RUNTIME]
     secret = bearer(request)
     token = runtime.store.find_token(secret) if secret else None
@@ -51,6 +53,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     try:
         response = await handler(request)
     except ApiError as exc:
+        exc.headers.update(headers)
+        raise
+    except web.HTTPException as exc:  # aiohttp's own 404/405/413: still an authenticated answer
         exc.headers.update(headers)
         raise
     response.headers.update(headers)

@@ -63,6 +63,7 @@ async def serve(config: Config, config_path: str | None) -> int:
         app[INGEST_APP], access_log=None, handle_signals=False, shutdown_timeout=grace
     )
     await api_runner.setup()
+    draining: asyncio.Future[None] | None = None
     try:
         await ingest_runner.setup()
         for runner, listen in (
@@ -100,14 +101,17 @@ async def serve(config: Config, config_path: str | None) -> int:
         watchdog = notifier.start_watchdog()
         await stop.wait()
         log.info("pusherd_stopping")
-        # No new attempts while the listeners shut down; the in-flight ones get shutdown_grace.
-        runtime.dispatcher.stop_claiming()
+        # No new attempts from now on; the in-flight ones get shutdown_grace counted from the
+        # signal, while the listeners shut down (the app's cleanup joins this same stop).
+        draining = asyncio.ensure_future(runtime.dispatcher.stop(config.delivery.shutdown_grace))
         notifier.stopping()
         if watchdog is not None:
             watchdog.cancel()
     finally:
         await ingest_runner.cleanup()
         await api_runner.cleanup()
+    if draining is not None:
+        await draining
     log.info("pusherd_stopped")
     return 0
 
@@ -361,9 +365,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pusherd: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    # Only `serve` logs to stdout: other commands print their results there (a token, a list).
-    log_stream = sys.stdout if args.command == "serve" else sys.stderr
-    configure_logging(config.log.level, config.log.format, log_stream)
+    # Only `serve` logs to stdout (and at info): other commands print their results on stdout
+    # and, for `token create --org new`, the organization alone on stderr.
+    if args.command == "serve":
+        configure_logging(config.log.level, config.log.format)
+    else:
+        level = config.log.level if config.log.level in ("error", "critical") else "warning"
+        configure_logging(level, config.log.format, sys.stderr)
     try:
         if args.command == "serve":
             import uvloop

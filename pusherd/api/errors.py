@@ -61,7 +61,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         message = _REASONS.get(exc.status) or exc.reason.lower()
-        headers = {k: v for k, v in exc.headers.items() if k.lower() in {"allow", "retry-after"}}
+        headers = {
+            k: v
+            for k, v in exc.headers.items()
+            if k.lower() in {"allow", "retry-after"} or k.lower().startswith("x-ratelimit-")
+        }
         response = error_response(exc.status, message, headers)
     except StoreError as exc:
         log.error("store_unavailable", error=str(exc))

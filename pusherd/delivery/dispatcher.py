@@ -3,8 +3,10 @@
 Limits: `max_in_flight` attempts in the whole process and `per_destination` per origin. Rows claimed
 for an origin that is busy wait in a short in-memory queue; past that queue's cap they are handed
 back with a due time estimated from the origin's latency, so one slow receiver never fills the
-process. A per-origin circuit breaker pauses an origin after consecutive failures; its due rows are
-handed back until the pause ends without spending an attempt.
+process. A per-origin circuit breaker pauses an origin after consecutive failures: its due rows are
+parked (still leased by this process) until the pause ends, without spending an attempt, and rows
+ingested for it meanwhile are born parked, so a dead receiver with a big backlog costs nothing.
+Parked and leased rows of a process that died are handed back as soon as a new one starts.
 """
 
 from __future__ import annotations
@@ -37,6 +39,24 @@ POLL_S = 1.0
 BREAKER_THRESHOLD = 5
 BREAKER_FIRST_PAUSE_S = 30.0
 BREAKER_MAX_PAUSE_S = 600.0
+
+
+def owner_is_dead(owner: str) -> bool:
+    """Whether a lease owner ("host:pid:nonce") was a process of this host that is gone."""
+    host, _, rest = owner.partition(":")
+    pid_text, _, _ = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False  # another machine's, or unknown: its lease runs out on its own
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True  # an earlier process with our pid (the nonce differs: not us)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 @dataclass
@@ -84,6 +104,7 @@ class Origin:
     waiting: deque[ClaimedDelivery] = field(default_factory=deque)
     breaker: Breaker = field(default_factory=Breaker)
     latency_s: float = 0.05  # moving average of attempt durations
+    subscriptions: set[str] = field(default_factory=set)  # seen delivering to this origin
 
 
 class Dispatcher:
@@ -116,8 +137,8 @@ class Dispatcher:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
-        self._idle = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Future[None] | None = None
         self._in_flight = 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -145,12 +166,17 @@ class Dispatcher:
         await self._release(ids)
         return len(ids)
 
-    def stop_claiming(self) -> None:
-        """Claim and start nothing more (SIGTERM, before the listeners shut down); see stop()."""
-        self._stop.set()
-
     async def stop(self, grace_s: float) -> None:
-        """Stop claiming, let attempts finish for up to grace_s, then hand back the rest."""
+        """Stop claiming, let attempts finish for up to grace_s, then hand back the rest.
+
+        Idempotent: a second call waits for the first (SIGTERM starts the grace period at once,
+        the app's cleanup joins it later).
+        """
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop_once(grace_s))
+        await asyncio.shield(self._stopping)
+
+    async def _stop_once(self, grace_s: float) -> None:
         self._stop.set()
         if self._loop_task is not None:
             await self._loop_task
@@ -195,6 +221,7 @@ class Dispatcher:
         return min(POLL_S, max(0.0, (first - now_ms()) / 1000))
 
     async def _run(self) -> None:
+        await self._recover()
         while not self._stop.is_set():
             self._wake.clear()
             try:
@@ -239,13 +266,15 @@ class Dispatcher:
             return
         now, wall_ms = time.monotonic(), now_ms()
         give_back: dict[int, list[int]] = {}
+        park: dict[int, list[int]] = {}
         for d in claimed:
             if d.id in self._held:
                 continue  # already ours (its lease was just renewed)
             origin = self._origin(d.destination)
+            origin.subscriptions.add(d.subscription)
             breaker = origin.breaker
             if breaker.paused(now):
-                give_back.setdefault(self._resume_ms(breaker, now, wall_ms), []).append(d.id)
+                park.setdefault(self._resume_ms(breaker, now, wall_ms), []).append(d.id)
             elif (
                 origin.in_flight < self.config.per_destination
                 and not origin.waiting
@@ -256,21 +285,38 @@ class Dispatcher:
                 # Also while a probe is out: its answer decides whether these go or wait.
                 self._held.add(d.id)
                 origin.waiting.append(d)
+            elif breaker.is_open(now):
+                # A probe is out and enough rows wait for its answer: park the rest until it
+                # must have come back.
+                due = wall_ms + math.ceil(self.config.timeout * 1000) + 1000
+                park.setdefault(due, []).append(d.id)
             else:
                 backlog = len(origin.waiting) / self.config.per_destination
                 delay_ms = int(min(5.0, max(0.02, origin.latency_s * backlog)) * 1000)
                 give_back.setdefault(wall_ms + delay_ms, []).append(d.id)
         for due, ids in give_back.items():
             await self._release(ids, due)
+        for due, ids in park.items():
+            await self._park(ids, due)
 
-    def _resume_ms(self, breaker: Breaker, now: float, wall_ms: int) -> int:
-        """When rows handed back by a paused origin are due again.
+    @staticmethod
+    def _resume_ms(breaker: Breaker, now: float, wall_ms: int) -> int:
+        """When rows parked by a paused origin are due again: when the pause ends."""
+        return wall_ms + math.ceil(max(0.0, breaker.open_until - now) * 1000) + 1
 
-        At most one lease away: the pause lives in memory only, so a restarted process must not
-        find rows held back by a pause it knows nothing about for longer than that.
-        """
-        wait_s = min(max(0.0, breaker.open_until - now), self.config.lease)
-        return wall_ms + math.ceil(wait_s * 1000) + 1
+    def parked_subscriptions(self) -> dict[str, tuple[int, str]]:
+        """Subscriptions whose origin is paused: (due time, owner) for rows ingested now."""
+        now = time.monotonic()
+        paused = [o for o in self._origins.values() if o.breaker.paused(now)]
+        if not paused:
+            return {}
+        wall_ms = now_ms()
+        out: dict[str, tuple[int, str]] = {}
+        for origin in paused:
+            due = self._resume_ms(origin.breaker, now, wall_ms)
+            for sub in origin.subscriptions:
+                out[sub] = (due, self.owner)
+        return out
 
     def _origin(self, destination: str) -> Origin:
         try:
@@ -304,6 +350,27 @@ class Dispatcher:
             # The lease runs out on its own; the rows are claimed again then.
             log.error("release_failed", error=str(exc), deliveries=len(ids))
 
+    async def _park(self, ids: list[int], due_ms: int) -> None:
+        """Keep rows leased until due_ms without spending an attempt (a paused origin)."""
+        for i in ids:
+            self._held.discard(i)
+        try:
+            await self.store.park(self.owner, ids, due_ms)
+        except StoreError as exc:
+            log.error("park_failed", error=str(exc), deliveries=len(ids))
+
+    async def _recover(self) -> None:
+        """Hand back rows leased or parked by a process of this host that has died."""
+        try:
+            freed = await self.store.recover_leases(
+                lambda owner: owner != self.owner and owner_is_dead(owner)
+            )
+        except StoreError as exc:
+            log.error("lease_recovery_failed", error=str(exc))
+            return
+        if freed:
+            log.info("leases_recovered", deliveries=freed)
+
     # -- one attempt -----------------------------------------------------------------------
 
     async def _attempt(self, origin: Origin, d: ClaimedDelivery) -> None:
@@ -312,9 +379,12 @@ class Dispatcher:
             outcome = await self.sender.send(d)
             await self._record(origin, d, outcome, started)
         except asyncio.CancelledError:
+            origin.breaker.probing = False
             raise
         except Exception:
             log.exception("attempt_crashed", delivery_id=d.id)
+            if origin.breaker.probing:  # a probe that never answered must not pin the circuit
+                origin.breaker.record(False, time.monotonic())
         finally:
             self._tasks.pop(d.id, None)
             self._held.discard(d.id)
@@ -380,8 +450,10 @@ class Dispatcher:
         if origin.waiting and origin.breaker.paused(now):
             ids = [d.id for d in origin.waiting]
             origin.waiting.clear()
+            for i in ids:
+                self._held.add(i)  # _park drops them from _held
             due = self._resume_ms(origin.breaker, now, now_ms())
-            task = asyncio.get_running_loop().create_task(self._release(ids, due))
+            task = asyncio.get_running_loop().create_task(self._park(ids, due))
             self._tasks[-id(task)] = task
             task.add_done_callback(lambda t: self._tasks.pop(-id(t), None))
             return

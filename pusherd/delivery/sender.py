@@ -99,7 +99,12 @@ class Sender:
                 allow_redirects=False,
                 timeout=self.timeout,
             ) as resp:
-                raw = await resp.content.read(BODY_KEEP)
+                raw = b""
+                while len(raw) < BODY_KEEP:  # read() returns what is buffered: loop for 1 KiB
+                    chunk = await resp.content.read(BODY_KEEP - len(raw))
+                    if not chunk:
+                        break
+                    raw += chunk
                 if not resp.content.at_eof():
                     resp.close()  # a large answer is not worth reading to keep the connection
                 retry_after = None

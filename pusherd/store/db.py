@@ -183,6 +183,9 @@ class Database:
                 except Exception as exc:
                     conn.execute("ROLLBACK TO w")
                     conn.execute("RELEASE w")
+                    if isinstance(exc, sqlite3.Error):
+                        # The database refused the write (disk full, I/O error): 503, not 500.
+                        exc = StoreError(f"could not write: {exc}")
                     results.append((False, exc))
             conn.execute("COMMIT")
             self.commits += 1

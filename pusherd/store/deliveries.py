@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from pusherd.clock import now_ms
@@ -257,6 +257,50 @@ class DeliveryStore:
             )
 
         await self.db.write(fn)
+
+    async def park(self, owner: str, ids: Sequence[int], due_ms: int) -> None:
+        """Keep leased deliveries ours until due_ms without spending an attempt (paused origin)."""
+        if not ids:
+            return
+
+        def fn(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE deliveries SET lease_until_ms = ?, due_ms = ?"
+                " WHERE id = ? AND status = 'pending' AND lease_owner = ?",
+                [(due_ms, due_ms, i, owner) for i in ids],
+            )
+
+        await self.db.write(fn)
+
+    async def recover_leases(self, is_dead: Callable[[str], bool]) -> int:
+        """Make rows leased or parked by dead owners due now; returns how many.
+
+        Only rows due in the future are looked at (a range of the due index): rows whose lease
+        has already run out are claimable anyway.
+        """
+        now = now_ms()
+        owners = await self.db.read(
+            "SELECT DISTINCT lease_owner FROM deliveries"
+            " WHERE status = 'pending' AND due_ms > ? AND lease_owner IS NOT NULL",
+            (now,),
+        )
+        dead = [str(r[0]) for r in owners if is_dead(str(r[0]))]
+        if not dead:
+            return 0
+
+        def fn(conn: sqlite3.Connection) -> int:
+            freed = 0
+            for owner in dead:
+                cur = conn.execute(
+                    "UPDATE deliveries SET due_ms = ?, lease_owner = NULL, lease_until_ms = NULL"
+                    " WHERE id IN (SELECT id FROM deliveries WHERE status = 'pending'"
+                    " AND due_ms > ? AND lease_owner = ?)",
+                    (now, now, owner),
+                )
+                freed += cur.rowcount
+            return freed
+
+        return await self.db.write(fn)
 
     async def requeue(self, delivery_id: int, organization: str) -> str:
         """Queue a finished delivery again: "queued", "pending" (still pending) or "missing"."""

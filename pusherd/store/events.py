@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import sqlite3
 import uuid as uuidlib
-from collections.abc import Callable, Iterable, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import orjson
 
 from pusherd.clock import iso_ms, now_ms
-from pusherd.store.db import Database, StoreError
+from pusherd.store.db import Database
 from pusherd.store.models import IngestResult, NewEvent
-
-T = TypeVar("T")
 
 # (event_name, subscription event_names, subscription scopes) -> wanted?
 Matcher = Callable[[str, Sequence[str], Sequence[str]], bool]
+# subscription -> (due_ms, lease owner): deliveries born parked (their origin's circuit is open)
+Held = Mapping[str, tuple[int, str]]
+NOT_HELD: Held = {}
 
 
 def insert_event(
-    conn: sqlite3.Connection, event: NewEvent, now: int, subscriptions: Iterable[str]
+    conn: sqlite3.Connection,
+    event: NewEvent,
+    now: int,
+    subscriptions: Iterable[str],
+    held: Held = NOT_HELD,
 ) -> IngestResult:
     """Insert one event and a pending delivery to each given subscription.
 
@@ -45,17 +49,19 @@ def insert_event(
     ).fetchone()
     if row is None:
         original = conn.execute(
-            "SELECT uuid FROM events WHERE organization = ? AND message_id = ?",
+            "SELECT uuid, (SELECT count(*) FROM deliveries WHERE event_seq = seq) FROM events"
+            " WHERE organization = ? AND message_id = ?",
             (event.organization, message_id),
         ).fetchone()
-        return IngestResult(original[0], message_id, 0, duplicate=True)
+        return IngestResult(original[0], message_id, original[1], duplicate=True)
     seq = row[0]
     ids = []
     for sub in subscriptions:
+        due, owner = held.get(sub, (now, None))
         cur = conn.execute(
-            "INSERT INTO deliveries (event_seq, subscription, status, due_ms, created_ms)"
-            " VALUES (?, ?, 'pending', ?, ?)",
-            (seq, sub, now, now),
+            "INSERT INTO deliveries (event_seq, subscription, status, due_ms, created_ms,"
+            " lease_owner, lease_until_ms) VALUES (?, ?, 'pending', ?, ?, ?, ?)",
+            (seq, sub, due, now, owner, None if owner is None else due),
         )
         ids.append(int(cur.lastrowid or 0))
     return IngestResult(message_uuid, message_id, len(ids), False, tuple(ids))
@@ -71,27 +77,16 @@ def _targets(conn: sqlite3.Connection, organization: str) -> list[tuple[str, lis
     return [(r[0], orjson.loads(r[1]), orjson.loads(r[2])) for r in rows]
 
 
-def _storage_errors(fn: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
-    """Report a write the database refused (disk full, I/O error) as StoreError: 503, not 500."""
-
-    def wrapped(conn: sqlite3.Connection) -> T:
-        try:
-            return fn(conn)
-        except sqlite3.Error as exc:
-            raise StoreError(f"could not store events: {exc}") from exc
-
-    return wrapped
-
-
 class EventStore:
     """Ingest (mixed into SqliteStore)."""
 
     db: Database
 
-    async def ingest(self, events: Sequence[NewEvent], matches: Matcher) -> list[IngestResult]:
+    async def ingest(
+        self, events: Sequence[NewEvent], matches: Matcher, held: Held = NOT_HELD
+    ) -> list[IngestResult]:
         """Store events and their deliveries atomically (all or nothing) in a group commit."""
 
-        @_storage_errors
         def fn(conn: sqlite3.Connection) -> list[IngestResult]:
             now = now_ms()
             targets: dict[str, list[tuple[str, list[str], list[str]]]] = {}
@@ -103,7 +98,7 @@ class EventStore:
                 wanted = [
                     s for s, names, scopes in subs if matches(event.event_name, names, scopes)
                 ]
-                results.append(insert_event(conn, event, now, wanted))
+                results.append(insert_event(conn, event, now, wanted, held))
             return results
 
         return await self.db.write(fn)
@@ -111,7 +106,6 @@ class EventStore:
     async def send_to(self, event: NewEvent, subscriptions: Sequence[str]) -> IngestResult:
         """Store one event addressed to the given subscriptions only (test sends)."""
 
-        @_storage_errors
         def fn(conn: sqlite3.Connection) -> IngestResult:
             return insert_event(conn, event, now_ms(), subscriptions)
 

@@ -38,8 +38,8 @@ class Subscription:
     destination: str
     contact_email: str | None
     status: SubscriptionStatus
-    signing_key: str
-    prev_signing_key: str | None
+    signing_key: str = field(repr=False)
+    prev_signing_key: str | None = field(repr=False)
     prev_key_until_ms: int | None
     created_ms: int
     updated_ms: int
@@ -55,7 +55,7 @@ class NewSubscription:
     scopes: tuple[str, ...]
     destination: str
     contact_email: str | None
-    signing_key: str
+    signing_key: str = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,8 @@ class ClaimedDelivery:
     payload: str
     timestamp: str
     destination: str
-    signing_keys: tuple[str, ...]  # current key first, then a rotated-out one still valid
+    # current key first, then a rotated-out one still valid
+    signing_keys: tuple[str, ...] = field(repr=False)
 
 
 @dataclass(frozen=True)
