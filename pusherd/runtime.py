@@ -18,11 +18,13 @@ from pusherd.ratelimit import RateLimiter
 from pusherd.store import SqliteStore, open_store
 from pusherd.store.base import Store
 from pusherd.store.db import StoreError
+from pusherd.store.models import StatusChange
 
 log = structlog.get_logger("pusherd")
 
 PURGE_EVERY_S = 60.0
 PURGE_BATCH = 500
+CLOSE_BATCH = 1000
 
 
 class Runtime:
@@ -38,6 +40,7 @@ class Runtime:
         self._session: aiohttp.ClientSession | None = None
         self._dispatcher: Dispatcher | None = None
         self._purger: asyncio.Task[None] | None = None
+        self._closing: dict[str, asyncio.Task[None]] = {}
         self.started_at = time.monotonic()
 
     @property
@@ -59,16 +62,50 @@ class Runtime:
         d = cfg.delivery
         self._session = make_session(d.max_in_flight, d.allow_private_destinations)
         sender = Sender(self._session, d.timeout, d.allow_private_destinations)
-        self._dispatcher = Dispatcher(d, self._store, sender, self.metrics, self.notifier.notify)
+        self._dispatcher = Dispatcher(d, self._store, sender, self.metrics, self.status_changed)
         if dispatch:
             self._dispatcher.start()
             self._purger = asyncio.get_running_loop().create_task(self._purge_loop())
+            for sub in self._store.subscriptions_to_close():
+                self.close_pending_soon(sub)
+
+    def status_changed(self, change: StatusChange) -> None:
+        """A subscription's status changed by a delivery outcome: mail, and close if DISABLED."""
+        self.notifier.notify(change)
+        if change.new == "DISABLED":
+            self.close_pending_soon(change.subscription)
+
+    def close_pending_soon(self, subscription: str) -> None:
+        """Finish a deleted or DISABLED subscription's pending deliveries, in the background."""
+        if subscription in self._closing:
+            return
+        task = asyncio.get_running_loop().create_task(self._close_pending(subscription))
+        self._closing[subscription] = task
+        task.add_done_callback(lambda _: self._closing.pop(subscription, None))
+
+    async def _close_pending(self, subscription: str) -> None:
+        total = 0
+        while True:
+            try:
+                status, n = await self.store.close_pending(subscription, CLOSE_BATCH)
+            except StoreError as exc:
+                log.error("close_pending_failed", subscription=subscription, error=str(exc))
+                return
+            if n == 0:
+                break
+            total += n
+            if status == "failed":
+                self.metrics.finished.labels(status="failed").inc(n)
+            await asyncio.sleep(0)  # small batches: ingest goes in between
+        if total:
+            log.info("pending_deliveries_closed", subscription=subscription, deliveries=total)
 
     async def stop(self) -> None:
         """Stop the dispatcher (with shutdown_grace), then close everything."""
-        if self._purger is not None:
-            self._purger.cancel()
-            await asyncio.gather(self._purger, return_exceptions=True)
+        background = [t for t in (self._purger, *self._closing.values()) if t is not None]
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         if self._dispatcher is not None:
             await self._dispatcher.stop(self.config.delivery.shutdown_grace)
         await self.notifier.drain()
@@ -96,6 +133,8 @@ class Runtime:
     async def _purge_loop(self) -> None:
         while True:
             await asyncio.sleep(PURGE_EVERY_S)
+            for sub in self.store.subscriptions_to_close():
+                self.close_pending_soon(sub)
             try:
                 removed = await self.purge_once()
             except StoreError as exc:

@@ -85,9 +85,7 @@ async def post_events(request: web.Request) -> web.Response:
     events = [
         _event(item, catalogue, f"events[{i}]: " if batch else "") for i, item in enumerate(items)
     ]
-    results = await runtime.store.ingest(
-        events, catalogue.matches, runtime.dispatcher.parked_subscriptions()
-    )
+    results = await runtime.store.ingest(events, catalogue.matches)
     fresh = sum(1 for r in results if not r.duplicate)
     if fresh:
         runtime.metrics.events_ingested.inc(fresh)

@@ -138,7 +138,7 @@ async def create(
         signing_key=signing_key or new_signing_key(),
     )
     sub = await runtime.store.create_subscription(new, welcome_event(token.organization))
-    runtime.dispatcher.wake()
+    await runtime.dispatcher.refresh_subscription(sub.uuid)
     return sub
 
 
@@ -157,7 +157,8 @@ async def update(
     sub = await runtime.store.update_subscription(token.organization, sub_uuid, changes)
     if sub is not None:
         await runtime.dispatcher.refresh_subscription(sub_uuid)
-        runtime.dispatcher.wake()
+        if sub.status == "DISABLED":
+            runtime.close_pending_soon(sub_uuid)
     return sub
 
 
@@ -166,4 +167,5 @@ async def delete(runtime: Runtime, organization: str, sub_uuid: str) -> bool:
     if not await runtime.store.delete_subscription(organization, sub_uuid):
         return False
     await runtime.dispatcher.refresh_subscription(sub_uuid)
+    runtime.close_pending_soon(sub_uuid)
     return True

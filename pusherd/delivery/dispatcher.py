@@ -1,25 +1,28 @@
 """The dispatcher: claim due deliveries with a lease and run attempts within the limits.
 
-Limits: `max_in_flight` attempts in the whole process and `per_destination` per origin. Rows claimed
-for an origin that is busy wait in a short in-memory queue; past that queue's cap they are handed
-back with a due time estimated from the origin's latency, so one slow receiver never fills the
-process. A per-origin circuit breaker pauses an origin after consecutive failures: its due rows are
-parked (still leased by this process) until the pause ends, without spending an attempt, and rows
-ingested for it meanwhile are born parked, so a dead receiver with a big backlog costs nothing.
-Parked and leased rows of a process that died are handed back as soon as a new one starts.
+Deliveries are claimed per subscription, and only for destinations (origins) that have room: an
+origin keeps at most `per_destination` attempts in flight and a short queue of claimed rows ready
+behind them. A slow origin therefore never holds rows another origin could send, and the process
+never reads more of the queue than it can send. The whole process keeps at most `max_in_flight`
+attempts under way.
+
+A per-origin circuit breaker pauses an origin after consecutive failures: its subscriptions are not
+claimed from at all until the pause ends (so a dead receiver with a large backlog costs nothing),
+then one probe decides. The breaker lives in memory: after a restart every origin starts closed.
+Rows leased by a process of this host that died are handed back as soon as a new one starts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import secrets
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -34,8 +37,9 @@ from pusherd.store.models import AttemptRecord, ClaimedDelivery, StatusChange
 
 log = structlog.get_logger("pusherd.delivery")
 
-CLAIM_BATCH = 256
 POLL_S = 1.0
+TARGETS_MAX_AGE_S = 5.0  # subscriptions are re-read at least this often (changes made elsewhere)
+QUEUE_FACTOR = 2  # claimed rows ready behind an origin's in-flight attempts, per slot
 BREAKER_THRESHOLD = 5
 BREAKER_FIRST_PAUSE_S = 30.0
 BREAKER_MAX_PAUSE_S = 600.0
@@ -72,13 +76,13 @@ class Breaker:
     def __post_init__(self) -> None:
         self.pause_s = self.first_pause_s
 
-    def is_open(self, now: float) -> bool:
-        """Whether attempts must wait: paused, or a probe is still out."""
-        return self.failures >= BREAKER_THRESHOLD and (now < self.open_until or self.probing)
+    def tripped(self) -> bool:
+        """Open or half-open: only a probe may go."""
+        return self.failures >= BREAKER_THRESHOLD
 
     def paused(self, now: float) -> bool:
-        """Whether the pause itself is running (not merely a probe in flight)."""
-        return self.failures >= BREAKER_THRESHOLD and now < self.open_until
+        """Whether the pause itself is running."""
+        return self.tripped() and now < self.open_until
 
     def record(self, success: bool, now: float) -> bool:
         """Count an attempt's result; True when this opened the circuit."""
@@ -100,11 +104,20 @@ class Origin:
     """Scheduling state of one destination origin."""
 
     name: str
+    breaker: Breaker
     in_flight: int = 0
+    sending: int = 0  # attempts started whose request is not on the wire yet
     waiting: deque[ClaimedDelivery] = field(default_factory=deque)
-    breaker: Breaker = field(default_factory=Breaker)
-    latency_s: float = 0.05  # moving average of attempt durations
-    subscriptions: set[str] = field(default_factory=set)  # seen delivering to this origin
+    subscriptions: list[str] = field(default_factory=list)
+    turn: int = 0  # round-robin start among its subscriptions
+
+    def room(self, per_destination: int, now: float) -> int:
+        """How many more rows to claim for it now."""
+        if self.breaker.tripped():
+            if self.breaker.paused(now) or self.breaker.probing or self.in_flight or self.waiting:
+                return 0
+            return 1  # the pause is over: one probe
+        return per_destination * (1 + QUEUE_FACTOR) - self.in_flight - len(self.waiting)
 
 
 class Dispatcher:
@@ -130,16 +143,16 @@ class Dispatcher:
         self.lease_ms = int(config.lease * 1000)
         self.disable_after_ms = int(config.disable_after * 1000)
         self.breaker_pause_s = breaker_pause_s
-        self.waiting_cap = max(64, config.per_destination * 32)
-        self.held_cap = max(CLAIM_BATCH, config.max_in_flight * 4)
         self._origins: dict[str, Origin] = {}
-        self._held: set[int] = set()  # ids claimed by us: waiting or in flight
+        self._targets_at = -TARGETS_MAX_AGE_S  # monotonic time of the last read
+        self._held: set[int] = set()  # ids claimed by us: waiting, in flight or being recorded
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping: asyncio.Future[None] | None = None
         self._in_flight = 0
+        self._gone: set[str] = set()  # answered 410, not yet recorded DISABLED
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -152,10 +165,10 @@ class Dispatcher:
         self._wake.set()
 
     async def refresh_subscription(self, subscription: str) -> int:
-        """Hand back a changed subscription's claimed-but-waiting rows.
+        """A subscription changed (destination, key, status) or was deleted.
 
-        They were read at claim time; after a destination, key or status change (or a delete)
-        the next claim reads the subscription afresh (and fails or skips the rows it must).
+        Its claimed-but-waiting rows were read at claim time: they are handed back, and the
+        subscriptions are read afresh before the next claim.
         """
         ids: list[int] = []
         for origin in self._origins.values():
@@ -163,7 +176,9 @@ class Dispatcher:
             if mine:
                 origin.waiting = deque(d for d in origin.waiting if d.subscription != subscription)
                 ids.extend(mine)
+        self._targets_at = -TARGETS_MAX_AGE_S
         await self._release(ids)
+        self._wake.set()
         return len(ids)
 
     async def stop(self, grace_s: float) -> None:
@@ -202,52 +217,97 @@ class Dispatcher:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.wake()
-            if not self._held and not await self._due_now():
+            if not self._held and not self._anything_due():
                 await asyncio.sleep(0.02)
-                if not self._held and not await self._due_now():
+                if not self._held and not self._anything_due():
                     return
             await asyncio.sleep(0.01)
         raise TimeoutError("dispatcher did not become idle")
 
+    def _anything_due(self) -> bool:
+        self._load_targets(force=True)
+        wall_ms, now = now_ms(), time.monotonic()
+        for origin in self._origins.values():
+            if origin.breaker.paused(now):
+                continue
+            for sub in origin.subscriptions:
+                due = self.store.next_due(sub)
+                if due is not None and due <= wall_ms:
+                    return True
+        return False
+
     # -- claim loop ------------------------------------------------------------------------
-
-    async def _due_now(self) -> bool:
-        return self.store.has_due(now_ms())
-
-    def _next_due_in(self) -> float:
-        first = self.store.next_due_ms()
-        if first is None:
-            return POLL_S
-        return min(POLL_S, max(0.0, (first - now_ms()) / 1000))
 
     async def _run(self) -> None:
         await self._recover()
         while not self._stop.is_set():
             self._wake.clear()
             try:
-                timeout = await self._claim_once()
+                timeout = await self._cycle()
             except Exception as exc:
                 # The loop must outlive a bad moment of the store (disk full, I/O error); the
                 # leases of anything claimed run out on their own and the rows come back.
                 log.error("claim_failed", error=f"{type(exc).__name__}: {exc}")
                 timeout = POLL_S
-            if timeout is None:
-                await asyncio.sleep(0)  # let attempts start before claiming more
-            elif timeout > 0:
+            if timeout > 0:
                 await self._wait(timeout)
+            else:
+                await asyncio.sleep(0)  # let attempts start before claiming more
 
-    async def _claim_once(self) -> float | None:
-        """Claim and dispatch one batch; return how long to wait (None: claim again now)."""
-        room = min(self.config.max_in_flight - self._in_flight, self.held_cap - len(self._held))
-        if room <= 0:
-            return POLL_S  # an attempt finishing wakes the loop
-        if await self._due_now():
-            limit = min(room, CLAIM_BATCH)
-            claimed = await self.store.claim(self.owner, limit, self.lease_ms)
-            await self._dispatch(claimed)
-            if len(claimed) >= limit:
-                return None
-        return self._next_due_in()
+    def _load_targets(self, force: bool = False) -> None:
+        """Group the live, not DISABLED subscriptions by origin."""
+        now = time.monotonic()
+        if not force and now - self._targets_at < TARGETS_MAX_AGE_S:
+            return
+        self._targets_at = now
+        for origin in self._origins.values():
+            origin.subscriptions = []
+        for uuid, destination in self.store.dispatch_targets():
+            if uuid not in self._gone:
+                self._origin(destination).subscriptions.append(uuid)
+
+    async def _cycle(self) -> float:
+        """Claim for every origin with room; return how long to wait (0: go again now)."""
+        self._load_targets()
+        now, wall_ms = time.monotonic(), now_ms()
+        budget = self.config.max_in_flight * (1 + QUEUE_FACTOR) - len(self._held)
+        next_ms = wall_ms + int(POLL_S * 1000)
+        wants: list[tuple[str, int]] = []
+        for origin in self._origins.values():
+            if origin.breaker.paused(now):
+                resume_ms = wall_ms + int((origin.breaker.open_until - now) * 1000) + 1
+                next_ms = min(next_ms, resume_ms)
+                continue
+            room = min(origin.room(self.config.per_destination, now), budget)
+            if room <= 0 or not origin.subscriptions:
+                continue
+            due_subs = []
+            for sub in origin.subscriptions:
+                due = self.store.next_due(sub)
+                if due is None:
+                    continue
+                if due <= wall_ms:
+                    due_subs.append(sub)
+                else:
+                    next_ms = min(next_ms, due)
+            if not due_subs:
+                continue
+            # Share the room among the origin's due subscriptions, starting where it stopped.
+            origin.turn = (origin.turn + 1) % len(due_subs)
+            share = -(-room // len(due_subs))
+            for i in range(len(due_subs)):
+                if room <= 0:
+                    break
+                n = min(share, room)
+                wants.append((due_subs[(origin.turn + i) % len(due_subs)], n))
+                room -= n
+                budget -= n
+        if wants:
+            claimed = await self.store.claim(self.owner, wants, self.lease_ms)
+            self._dispatch(claimed)
+            if len(claimed) >= sum(n for _, n in wants):
+                return 0.0  # there may be more due right now
+        return max(0.0, (next_ms - now_ms()) / 1000)
 
     async def _wait(self, timeout_s: float) -> None:
         waits = [
@@ -260,63 +320,46 @@ class Dispatcher:
             for w in waits:
                 w.cancel()
 
-    async def _dispatch(self, claimed: list[ClaimedDelivery]) -> None:
+    def _dispatch(self, claimed: list[ClaimedDelivery]) -> None:
         if self._stop.is_set():  # stopped while this claim was in flight
-            await self._release([d.id for d in claimed if d.id not in self._held])
+            fresh = [d.id for d in claimed if d.id not in self._held]
+            self._spawn(self._release(fresh))
             return
-        now, wall_ms = time.monotonic(), now_ms()
-        give_back: dict[int, list[int]] = {}
-        park: dict[int, list[int]] = {}
+        gone = []
         for d in claimed:
             if d.id in self._held:
                 continue  # already ours (its lease was just renewed)
-            origin = self._origin(d.destination)
-            origin.subscriptions.add(d.subscription)
-            breaker = origin.breaker
-            if breaker.paused(now):
-                park.setdefault(self._resume_ms(breaker, now, wall_ms), []).append(d.id)
-            elif (
-                origin.in_flight < self.config.per_destination
-                and not origin.waiting
-                and not breaker.is_open(now)
-            ):
-                self._start(origin, d)
-            elif len(origin.waiting) < self.waiting_cap:
-                # Also while a probe is out: its answer decides whether these go or wait.
-                self._held.add(d.id)
-                origin.waiting.append(d)
-            elif breaker.is_open(now):
-                # A probe is out and enough rows wait for its answer: park the rest until it
-                # must have come back.
-                due = wall_ms + math.ceil(self.config.timeout * 1000) + 1000
-                park.setdefault(due, []).append(d.id)
-            else:
-                backlog = len(origin.waiting) / self.config.per_destination
-                delay_ms = int(min(5.0, max(0.02, origin.latency_s * backlog)) * 1000)
-                give_back.setdefault(wall_ms + delay_ms, []).append(d.id)
-        for due, ids in give_back.items():
-            await self._release(ids, due)
-        for due, ids in park.items():
-            await self._park(ids, due)
+            if d.subscription in self._gone:
+                gone.append(d.id)
+                continue
+            self._held.add(d.id)
+            self._origin(d.destination).waiting.append(d)
+        if gone:
+            self._spawn(self._release(gone))
+        self._pump()
 
-    @staticmethod
-    def _resume_ms(breaker: Breaker, now: float, wall_ms: int) -> int:
-        """When rows parked by a paused origin are due again: when the pause ends."""
-        return wall_ms + math.ceil(max(0.0, breaker.open_until - now) * 1000) + 1
-
-    def parked_subscriptions(self) -> dict[str, tuple[int, str]]:
-        """Subscriptions whose origin is paused: (due time, owner) for rows ingested now."""
+    def _pump(self) -> None:
+        """Start waiting rows wherever an origin and the process have room."""
+        if self._stop.is_set():
+            return
         now = time.monotonic()
-        paused = [o for o in self._origins.values() if o.breaker.paused(now)]
-        if not paused:
-            return {}
-        wall_ms = now_ms()
-        out: dict[str, tuple[int, str]] = {}
-        for origin in paused:
-            due = self._resume_ms(origin.breaker, now, wall_ms)
-            for sub in origin.subscriptions:
-                out[sub] = (due, self.owner)
-        return out
+        for origin in self._origins.values():
+            # One request at a time goes on the wire per origin (the next starts once the
+            # previous one's headers are sent), so they reach it in ingest order even while
+            # new connections are being opened; responses are still awaited concurrently.
+            while (
+                origin.waiting
+                and not origin.sending
+                and self._in_flight < self.config.max_in_flight
+            ):
+                breaker = origin.breaker
+                if breaker.tripped():
+                    if breaker.paused(now) or breaker.probing or origin.in_flight:
+                        break
+                    breaker.probing = True  # the pause is over: this attempt is the probe
+                elif origin.in_flight >= self.config.per_destination:
+                    break
+                self._start(origin, origin.waiting.popleft())
 
     def _origin(self, destination: str) -> Origin:
         try:
@@ -325,19 +368,21 @@ class Dispatcher:
             name = destination
         origin = self._origins.get(name)
         if origin is None:
-            origin = self._origins[name] = Origin(name, breaker=Breaker(self.breaker_pause_s))
+            origin = self._origins[name] = Origin(name, Breaker(self.breaker_pause_s))
         return origin
 
     def _start(self, origin: Origin, d: ClaimedDelivery) -> None:
-        breaker = origin.breaker
-        if breaker.failures >= BREAKER_THRESHOLD:
-            breaker.probing = True  # the pause is over: this attempt is the probe
+        origin.sending += 1
         origin.in_flight += 1
         self._in_flight += 1
-        self._held.add(d.id)
         self.metrics.in_flight.labels(origin=origin.name).set(origin.in_flight)
-        task = asyncio.get_running_loop().create_task(self._attempt(origin, d))
-        self._tasks[d.id] = task
+        self._tasks[d.id] = asyncio.get_running_loop().create_task(self._attempt(origin, d))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a bookkeeping write in the background; stop() waits for it like an attempt."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks[-id(task)] = task
+        task.add_done_callback(lambda t: self._tasks.pop(-id(t), None))
 
     async def _release(self, ids: list[int], due_ms: int | None = None) -> None:
         for i in ids:
@@ -350,17 +395,8 @@ class Dispatcher:
             # The lease runs out on its own; the rows are claimed again then.
             log.error("release_failed", error=str(exc), deliveries=len(ids))
 
-    async def _park(self, ids: list[int], due_ms: int) -> None:
-        """Keep rows leased until due_ms without spending an attempt (a paused origin)."""
-        for i in ids:
-            self._held.discard(i)
-        try:
-            await self.store.park(self.owner, ids, due_ms)
-        except StoreError as exc:
-            log.error("park_failed", error=str(exc), deliveries=len(ids))
-
     async def _recover(self) -> None:
-        """Hand back rows leased or parked by a process of this host that has died."""
+        """Hand back rows leased by a process of this host that has died."""
         try:
             freed = await self.store.recover_leases(
                 lambda owner: owner != self.owner and owner_is_dead(owner)
@@ -375,9 +411,45 @@ class Dispatcher:
 
     async def _attempt(self, origin: Origin, d: ClaimedDelivery) -> None:
         started = now_ms()
+        slot_freed = sent = False
+
+        def on_sent() -> None:
+            nonlocal sent
+            if sent:
+                return
+            sent = True
+            origin.sending -= 1
+            self._pump()
+
+        def free_slot() -> None:
+            nonlocal slot_freed
+            if slot_freed:
+                return
+            slot_freed = True
+            on_sent()
+            origin.in_flight -= 1
+            self._in_flight -= 1
+            self.metrics.in_flight.labels(origin=origin.name).set(origin.in_flight)
+            self._pump()
+            self._wake.set()
+
         try:
-            outcome = await self.sender.send(d)
-            await self._record(origin, d, outcome, started)
+            outcome = await self.sender.send(d, on_sent)
+            on_sent()
+            self._count(origin, outcome)
+            if outcome.status_code == 410:
+                # Gone: nothing more may leave for this subscription, even before the DISABLED
+                # status is committed.
+                self._gone.add(d.subscription)
+                await self.refresh_subscription(d.subscription)
+            # The destination's answer is in: its slot is free while the attempt is recorded
+            # (the row stays ours until then), so recording never idles the receiver.
+            free_slot()
+            try:
+                await self._record(d, outcome, started)
+            finally:
+                if outcome.status_code == 410:
+                    self._gone.discard(d.subscription)
         except asyncio.CancelledError:
             origin.breaker.probing = False
             raise
@@ -388,18 +460,12 @@ class Dispatcher:
         finally:
             self._tasks.pop(d.id, None)
             self._held.discard(d.id)
-            origin.in_flight -= 1
-            self._in_flight -= 1
-            self.metrics.in_flight.labels(origin=origin.name).set(origin.in_flight)
-            if not self._stop.is_set():
-                self._next_for(origin)
-            self._wake.set()
+            free_slot()
+            self._wake.set()  # its next due time is known now (a retry, say)
 
-    async def _record(
-        self, origin: Origin, d: ClaimedDelivery, outcome: Outcome, started: int
-    ) -> None:
+    def _count(self, origin: Origin, outcome: Outcome) -> None:
+        """Feed the breaker and the metrics with one attempt's outcome."""
         now = time.monotonic()
-        origin.latency_s = 0.8 * origin.latency_s + 0.2 * outcome.duration_ms / 1000
         if origin.breaker.record(outcome.ok, now):
             log.warning(
                 "circuit_opened",
@@ -407,13 +473,18 @@ class Dispatcher:
                 pause_s=origin.breaker.pause_s,
                 failures=origin.breaker.failures,
             )
+            # Rows claimed for it go back; nothing is claimed for it until the pause ends.
+            ids = [w.id for w in origin.waiting]
+            origin.waiting.clear()
+            self._spawn(self._release(ids))
         self.metrics.circuit_open.labels(origin=origin.name).set(
-            1 if origin.breaker.is_open(now) else 0
+            1 if origin.breaker.tripped() else 0
         )
-        decision = self.policy.decide(d.schedule_pos + 1, outcome, now_ms())
-        label = outcome_label(outcome)
-        self.metrics.attempts.labels(outcome=label).inc()
+        self.metrics.attempts.labels(outcome=outcome_label(outcome)).inc()
         self.metrics.attempt_duration.observe(outcome.duration_ms / 1000)
+
+    async def _record(self, d: ClaimedDelivery, outcome: Outcome, started: int) -> None:
+        decision = self.policy.decide(d.schedule_pos + 1, outcome, now_ms())
         record = AttemptRecord(
             started_ms=started,
             duration_ms=round(outcome.duration_ms, 3),
@@ -433,7 +504,6 @@ class Dispatcher:
             delivery_id=d.id,
             subscription=d.subscription,
             event_name=d.event_name,
-            origin=origin.name,
             attempt=d.attempts + 1,
             status_code=outcome.status_code,
             error=outcome.error,
@@ -444,20 +514,3 @@ class Dispatcher:
             self.on_status_change(change)
             if change.new == "DISABLED":
                 await self.refresh_subscription(d.subscription)
-
-    def _next_for(self, origin: Origin) -> None:
-        now = time.monotonic()
-        if origin.waiting and origin.breaker.paused(now):
-            ids = [d.id for d in origin.waiting]
-            origin.waiting.clear()
-            for i in ids:
-                self._held.add(i)  # _park drops them from _held
-            due = self._resume_ms(origin.breaker, now, now_ms())
-            task = asyncio.get_running_loop().create_task(self._park(ids, due))
-            self._tasks[-id(task)] = task
-            task.add_done_callback(lambda t: self._tasks.pop(-id(t), None))
-            return
-        while origin.waiting and origin.in_flight < self.config.per_destination:
-            if origin.breaker.is_open(now):
-                break
-            self._start(origin, origin.waiting.popleft())

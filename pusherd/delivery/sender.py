@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Callable
+from types import SimpleNamespace
 
 import aiohttp
 import orjson
@@ -47,8 +49,20 @@ def outcome_label(outcome: Outcome) -> str:
     return "timeout" if outcome.error and outcome.error.startswith("timeout") else "network_error"
 
 
+async def _headers_sent(
+    session: aiohttp.ClientSession,
+    ctx: SimpleNamespace,
+    params: aiohttp.TraceRequestHeadersSentParams,
+) -> None:
+    on_sent = ctx.trace_request_ctx
+    if callable(on_sent):
+        on_sent()
+
+
 def make_session(max_in_flight: int, allow_private: bool) -> aiohttp.ClientSession:
     """The one ClientSession: connects only to vetted addresses, never follows redirects."""
+    trace = aiohttp.TraceConfig()
+    trace.on_request_headers_sent.append(_headers_sent)
     connector = aiohttp.TCPConnector(
         resolver=GuardedResolver(allow_private=allow_private),
         limit=max_in_flight,
@@ -61,6 +75,7 @@ def make_session(max_in_flight: int, allow_private: bool) -> aiohttp.ClientSessi
         headers={"User-Agent": USER_AGENT},
         auto_decompress=True,
         cookie_jar=aiohttp.DummyCookieJar(),
+        trace_configs=[trace],
     )
 
 
@@ -75,8 +90,8 @@ class Sender:
         self.timeout_s = timeout_s
         self.allow_private = allow_private
 
-    async def send(self, d: ClaimedDelivery) -> Outcome:
-        """POST the delivery once and return its Outcome."""
+    async def send(self, d: ClaimedDelivery, on_sent: Callable[[], None] | None = None) -> Outcome:
+        """POST the delivery once and return its Outcome; on_sent fires once the request is out."""
         body = envelope(d)
         headers = {
             "Content-Type": "application/json",
@@ -98,6 +113,7 @@ class Sender:
                 headers=headers,
                 allow_redirects=False,
                 timeout=self.timeout,
+                trace_request_ctx=on_sent,
             ) as resp:
                 raw = b""
                 while len(raw) < BODY_KEEP:  # read() returns what is buffered: loop for 1 KiB

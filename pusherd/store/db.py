@@ -24,6 +24,7 @@ T = TypeVar("T")
 log = structlog.get_logger("pusherd.store")
 
 BUSY_TIMEOUT_MS = 5000
+GROUP_WINDOW_S = 0.002
 
 
 class StoreError(Exception):
@@ -130,7 +131,8 @@ class Database:
         self._writer: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._queue: list[tuple[WriteFn, asyncio.Future[Any]]] = []
-        self._flush_scheduled = False
+        self._soon: asyncio.Handle | None = None
+        self._later: asyncio.TimerHandle | None = None
         self.commits = 0
 
     async def open(self) -> None:
@@ -156,18 +158,30 @@ class Database:
             raise StoreError("database is not open")
         return self._writer
 
-    def write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        """Queue fn to run inside the next group commit; the future resolves after COMMIT."""
+    def write(
+        self, fn: Callable[[sqlite3.Connection], T], *, urgent: bool = True
+    ) -> asyncio.Future[T]:
+        """Queue fn to run inside the next group commit; the future resolves after COMMIT.
+
+        An urgent write (ingest, API) is committed at the end of this loop iteration. A write
+        nobody waits on to answer a client (attempt records) may wait GROUP_WINDOW_S for others
+        to share its fsync; an urgent write arriving meanwhile takes it along.
+        """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         self._queue.append((fn, fut))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
+        if urgent:
+            if self._soon is None:
+                self._soon = loop.call_soon(self._flush)
+        elif self._soon is None and self._later is None:
+            self._later = loop.call_later(GROUP_WINDOW_S, self._flush)
         return fut
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
+        for handle in (self._soon, self._later):
+            if handle is not None:
+                handle.cancel()
+        self._soon = self._later = None
         batch, self._queue = self._queue, []
         if not batch:
             return

@@ -106,37 +106,46 @@ class DeliveryStore:
 
     db: Database
 
-    def has_due(self, at_ms: int) -> bool:
-        """Whether some pending delivery is due at at_ms (one index probe, on the loop)."""
-        return bool(
-            self.db.read_now(
-                "SELECT 1 FROM deliveries WHERE status = 'pending' AND due_ms <= ? LIMIT 1",
-                (at_ms,),
-            )
+    def dispatch_targets(self) -> list[tuple[str, str]]:
+        """(uuid, destination) of every subscription deliveries may go to: live, not DISABLED."""
+        rows = self.db.read_now(
+            "SELECT uuid, destination FROM subscriptions"
+            " WHERE deleted_ms IS NULL AND status != 'DISABLED' ORDER BY created_ms, uuid"
         )
+        return [(str(r[0]), str(r[1])) for r in rows]
 
-    def next_due_ms(self) -> int | None:
-        """The earliest due time among pending deliveries."""
-        rows = self.db.read_now("SELECT min(due_ms) FROM deliveries WHERE status = 'pending'")
+    def next_due(self, subscription: str) -> int | None:
+        """The earliest due time of a subscription's pending deliveries (one index probe)."""
+        rows = self.db.read_now(
+            "SELECT min(due_ms) FROM deliveries WHERE subscription = ? AND status = 'pending'",
+            (subscription,),
+        )
         return None if rows[0][0] is None else int(rows[0][0])
 
     async def claim(
-        self, owner: str, limit: int, lease_ms: int, exclude: Sequence[int] = ()
+        self, owner: str, wants: Sequence[tuple[str, int]], lease_ms: int
     ) -> list[ClaimedDelivery]:
-        """Lease up to `limit` due deliveries, oldest due first: an index range scan."""
+        """Lease up to n due deliveries of each (subscription, n), in due order.
+
+        Each is a range of the (subscription, due_ms, id) index, whatever the size of the queue.
+        """
 
         def fn(conn: sqlite3.Connection) -> list[ClaimedDelivery]:
             now = now_ms()
             until = now + lease_ms
-            rows = conn.execute(
-                "UPDATE deliveries SET lease_owner = ?, lease_until_ms = ?, due_ms = ?"
-                " WHERE id IN (SELECT id FROM deliveries WHERE status = 'pending' AND due_ms <= ?"
-                " ORDER BY due_ms, id LIMIT ?) RETURNING id",
-                (owner, until, until, now, limit),
-            ).fetchall()
-            ids = sorted(r[0] for r in rows)
+            ids: list[int] = []
+            for subscription, limit in wants:
+                rows = conn.execute(
+                    "UPDATE deliveries SET lease_owner = ?, lease_until_ms = ?, due_ms = ?"
+                    " WHERE id IN (SELECT id FROM deliveries WHERE subscription = ?"
+                    " AND status = 'pending' AND due_ms <= ? ORDER BY due_ms, id LIMIT ?)"
+                    " RETURNING id",
+                    (owner, until, until, subscription, now, limit),
+                ).fetchall()
+                ids.extend(r[0] for r in rows)
             if not ids:
                 return []
+            ids.sort()
             marks = ",".join("?" * len(ids))
             data = conn.execute(
                 "SELECT d.id, d.subscription, d.attempts, d.schedule_pos, e.organization, e.uuid,"
@@ -150,7 +159,7 @@ class DeliveryStore:
             out, dead = [], []
             for r in data:
                 if r[14] == "DISABLED" or r[15] is not None:
-                    dead.append((now, r[0]))
+                    dead.append((now, r[0]))  # changed since the targets were read
                     continue
                 keys = (r[11],) if r[12] is None or (r[13] or 0) <= now else (r[11], r[12])
                 out.append(
@@ -169,10 +178,10 @@ class DeliveryStore:
                         signing_keys=keys,
                     )
                 )
-            if dead:
+            if dead:  # left pending for close_pending(), which finishes them in batches
                 conn.executemany(
-                    "UPDATE deliveries SET status = 'failed', finished_ms = ?, lease_owner = NULL,"
-                    " last_error = 'subscription disabled' WHERE id = ?",
+                    "UPDATE deliveries SET due_ms = ?, lease_owner = NULL, lease_until_ms = NULL"
+                    " WHERE id = ?",
                     dead,
                 )
             return out
@@ -241,7 +250,7 @@ class DeliveryStore:
                 disable_after_ms=disable_after_ms,
             )
 
-        return await self.db.write(fn)
+        return await self.db.write(fn, urgent=False)
 
     async def release(self, owner: str, ids: Sequence[int], due_ms: int | None = None) -> None:
         """Give leased deliveries back without spending an attempt (due now or at due_ms)."""
@@ -256,21 +265,43 @@ class DeliveryStore:
                 [(due, i, owner) for i in ids],
             )
 
-        await self.db.write(fn)
+        await self.db.write(fn, urgent=False)
 
-    async def park(self, owner: str, ids: Sequence[int], due_ms: int) -> None:
-        """Keep leased deliveries ours until due_ms without spending an attempt (paused origin)."""
-        if not ids:
-            return
+    def subscriptions_to_close(self) -> list[str]:
+        """Deleted or DISABLED subscriptions that may still have pending deliveries."""
+        rows = self.db.read_now(
+            "SELECT uuid FROM subscriptions s WHERE (deleted_ms IS NOT NULL OR status = 'DISABLED')"
+            " AND EXISTS (SELECT 1 FROM deliveries d WHERE d.subscription = s.uuid"
+            " AND d.status = 'pending')"
+        )
+        return [str(r[0]) for r in rows]
 
-        def fn(conn: sqlite3.Connection) -> None:
-            conn.executemany(
-                "UPDATE deliveries SET lease_until_ms = ?, due_ms = ?"
-                " WHERE id = ? AND status = 'pending' AND lease_owner = ?",
-                [(due_ms, due_ms, i, owner) for i in ids],
+    async def close_pending(self, subscription: str, batch: int) -> tuple[str, int]:
+        """Finish up to `batch` pending deliveries of a deleted ("cancelled") or DISABLED
+        ("failed") subscription: (that status, how many); 0 when none or it is live again."""
+
+        def fn(conn: sqlite3.Connection) -> tuple[str, int]:
+            row = conn.execute(
+                "SELECT status, deleted_ms FROM subscriptions WHERE uuid = ?", (subscription,)
+            ).fetchone()
+            if row is None:
+                return "", 0
+            if row[1] is not None:
+                status, error = "cancelled", "subscription deleted"
+            elif row[0] == "DISABLED":
+                status, error = "failed", "subscription disabled"
+            else:
+                return "", 0
+            cur = conn.execute(
+                "UPDATE deliveries SET status = ?, finished_ms = ?, last_error = ?,"
+                " lease_owner = NULL, lease_until_ms = NULL"
+                " WHERE id IN (SELECT id FROM deliveries WHERE subscription = ?"
+                " AND status = 'pending' LIMIT ?)",
+                (status, now_ms(), error, subscription, batch),
             )
+            return status, cur.rowcount
 
-        await self.db.write(fn)
+        return await self.db.write(fn)
 
     async def recover_leases(self, is_dead: Callable[[str], bool]) -> int:
         """Make rows leased or parked by dead owners due now; returns how many.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import uuid as uuidlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import orjson
 
@@ -14,9 +14,6 @@ from pusherd.store.models import IngestResult, NewEvent
 
 # (event_name, subscription event_names, subscription scopes) -> wanted?
 Matcher = Callable[[str, Sequence[str], Sequence[str]], bool]
-# subscription -> (due_ms, lease owner): deliveries born parked (their origin's circuit is open)
-Held = Mapping[str, tuple[int, str]]
-NOT_HELD: Held = {}
 
 
 def insert_event(
@@ -24,7 +21,6 @@ def insert_event(
     event: NewEvent,
     now: int,
     subscriptions: Iterable[str],
-    held: Held = NOT_HELD,
 ) -> IngestResult:
     """Insert one event and a pending delivery to each given subscription.
 
@@ -57,11 +53,10 @@ def insert_event(
     seq = row[0]
     ids = []
     for sub in subscriptions:
-        due, owner = held.get(sub, (now, None))
         cur = conn.execute(
-            "INSERT INTO deliveries (event_seq, subscription, status, due_ms, created_ms,"
-            " lease_owner, lease_until_ms) VALUES (?, ?, 'pending', ?, ?, ?, ?)",
-            (seq, sub, due, now, owner, None if owner is None else due),
+            "INSERT INTO deliveries (event_seq, subscription, status, due_ms, created_ms)"
+            " VALUES (?, ?, 'pending', ?, ?)",
+            (seq, sub, now, now),
         )
         ids.append(int(cur.lastrowid or 0))
     return IngestResult(message_uuid, message_id, len(ids), False, tuple(ids))
@@ -82,9 +77,7 @@ class EventStore:
 
     db: Database
 
-    async def ingest(
-        self, events: Sequence[NewEvent], matches: Matcher, held: Held = NOT_HELD
-    ) -> list[IngestResult]:
+    async def ingest(self, events: Sequence[NewEvent], matches: Matcher) -> list[IngestResult]:
         """Store events and their deliveries atomically (all or nothing) in a group commit."""
 
         def fn(conn: sqlite3.Connection) -> list[IngestResult]:
@@ -98,7 +91,7 @@ class EventStore:
                 wanted = [
                     s for s, names, scopes in subs if matches(event.event_name, names, scopes)
                 ]
-                results.append(insert_event(conn, event, now, wanted, held))
+                results.append(insert_event(conn, event, now, wanted))
             return results
 
         return await self.db.write(fn)

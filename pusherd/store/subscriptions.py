@@ -161,15 +161,8 @@ class SubscriptionStore:
                 " WHERE uuid = ? AND organization = ? AND deleted_ms IS NULL",
                 (now, now, uuid, organization),
             )
-            if cur.rowcount == 0:
-                return False
-            conn.execute(
-                "UPDATE deliveries SET status = 'cancelled', finished_ms = ?, lease_owner = NULL,"
-                " last_error = 'subscription deleted'"
-                " WHERE subscription = ? AND status = 'pending'",
-                (now, uuid),
-            )
-            return True
+            # Its pending deliveries are cancelled in batches by close_pending().
+            return cur.rowcount > 0
 
         return await self.db.write(fn)
 
