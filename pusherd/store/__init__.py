@@ -6,15 +6,18 @@ from pusherd.store.base import Store
 from pusherd.store.db import Database, SchemaTooNewError, StoreError
 from pusherd.store.deliveries import DeliveryStore
 from pusherd.store.events import EventStore
+from pusherd.store.ids import IdSource
 from pusherd.store.subscriptions import SubscriptionStore, UuidTakenError
 from pusherd.store.tokens import TokenStore
 
 
-class SqliteStore(TokenStore, SubscriptionStore, EventStore, DeliveryStore):
+class SqliteStore(TokenStore, EventStore, SubscriptionStore, DeliveryStore):
     """The SQLite implementation of Store."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.ids = IdSource()
+        self.targets_cache = {}
 
     async def close(self) -> None:
         """Flush and close the database."""

@@ -133,6 +133,7 @@ class Database:
         self._queue: list[tuple[WriteFn, asyncio.Future[Any]]] = []
         self._soon: asyncio.Handle | None = None
         self._later: asyncio.TimerHandle | None = None
+        self._durable = False
         self.commits = 0
 
     async def open(self) -> None:
@@ -159,17 +160,21 @@ class Database:
         return self._writer
 
     def write(
-        self, fn: Callable[[sqlite3.Connection], T], *, urgent: bool = True
+        self, fn: Callable[[sqlite3.Connection], T], *, urgent: bool = True, durable: bool = True
     ) -> asyncio.Future[T]:
         """Queue fn to run inside the next group commit; the future resolves after COMMIT.
 
         An urgent write (ingest, API) is committed at the end of this loop iteration. A write
         nobody waits on to answer a client (attempt records) may wait GROUP_WINDOW_S for others
-        to share its fsync; an urgent write arriving meanwhile takes it along.
+        to share its fsync; an urgent write arriving meanwhile takes it along. A write that need
+        not survive a power loss (a lease, which at worst runs out) alone in its group commit
+        skips the fsync: WAL with synchronous=NORMAL still survives a crash of the process.
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         self._queue.append((fn, fut))
+        if durable:
+            self._durable = True
         if urgent:
             if self._soon is None:
                 self._soon = loop.call_soon(self._flush)
@@ -183,11 +188,14 @@ class Database:
                 handle.cancel()
         self._soon = self._later = None
         batch, self._queue = self._queue, []
+        durable, self._durable = self._durable, False
         if not batch:
             return
         conn = self.writer
         results: list[tuple[bool, Any]] = []
         try:
+            if not durable:
+                conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("BEGIN IMMEDIATE")
             for fn, _ in batch:
                 conn.execute("SAVEPOINT w")
@@ -203,10 +211,14 @@ class Database:
                     results.append((False, exc))
             conn.execute("COMMIT")
             self.commits += 1
+            if not durable:
+                conn.execute("PRAGMA synchronous = FULL")
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA synchronous = FULL")
             log.error("commit_failed", error=str(exc), writes=len(batch))
             err = StoreError(f"could not commit: {exc}")
             for _, fut in batch:

@@ -106,6 +106,9 @@ class DeliveryStore:
 
     db: Database
 
+    def subscriptions_changed(self) -> None:
+        """Forget what depends on subscriptions (EventStore's fan-out cache)."""
+
     def dispatch_targets(self) -> list[tuple[str, str]]:
         """(uuid, destination) of every subscription deliveries may go to: live, not DISABLED."""
         rows = self.db.read_now(
@@ -186,7 +189,7 @@ class DeliveryStore:
                 )
             return out
 
-        return await self.db.write(fn)
+        return await self.db.write(fn, durable=False)
 
     async def record_attempt(
         self,
@@ -241,7 +244,7 @@ class DeliveryStore:
                     owner,
                 ),
             )
-            return _status_change(
+            change = _status_change(
                 conn,
                 delivery.subscription,
                 success=finish == "delivered",
@@ -249,6 +252,9 @@ class DeliveryStore:
                 now=now,
                 disable_after_ms=disable_after_ms,
             )
+            if change is not None:
+                self.subscriptions_changed()
+            return change
 
         return await self.db.write(fn, urgent=False)
 
@@ -265,7 +271,7 @@ class DeliveryStore:
                 [(due, i, owner) for i in ids],
             )
 
-        await self.db.write(fn, urgent=False)
+        await self.db.write(fn, urgent=False, durable=False)
 
     def subscriptions_to_close(self) -> list[str]:
         """Deleted or DISABLED subscriptions that may still have pending deliveries."""

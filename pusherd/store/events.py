@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
-import uuid as uuidlib
 from collections.abc import Callable, Iterable, Sequence
 
 import orjson
 
 from pusherd.clock import iso_ms, now_ms
 from pusherd.store.db import Database
+from pusherd.store.ids import IdSource
 from pusherd.store.models import IngestResult, NewEvent
 
 # (event_name, subscription event_names, subscription scopes) -> wanted?
@@ -18,17 +18,19 @@ Matcher = Callable[[str, Sequence[str], Sequence[str]], bool]
 
 def insert_event(
     conn: sqlite3.Connection,
+    ids: IdSource,
     event: NewEvent,
     now: int,
     subscriptions: Iterable[str],
+    now_iso: str | None = None,
 ) -> IngestResult:
     """Insert one event and a pending delivery to each given subscription.
 
     A messageId already stored for the organization makes this a duplicate: nothing is written
     and the original messageUuid is returned.
     """
-    message_id = event.message_id or str(uuidlib.uuid4())
-    message_uuid = str(uuidlib.uuid1())
+    message_id = event.message_id or ids.uuid4()
+    message_uuid = ids.uuid1()
     row = conn.execute(
         "INSERT INTO events (uuid, organization, event_name, message_id, payload, timestamp,"
         " created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -39,7 +41,7 @@ def insert_event(
             event.event_name,
             message_id,
             event.payload,
-            event.timestamp or iso_ms(now),
+            event.timestamp or now_iso or iso_ms(now),
             now,
         ),
     ).fetchone()
@@ -51,18 +53,21 @@ def insert_event(
         ).fetchone()
         return IngestResult(original[0], message_id, original[1], duplicate=True)
     seq = row[0]
-    ids = []
+    delivery_ids = []
     for sub in subscriptions:
         cur = conn.execute(
             "INSERT INTO deliveries (event_seq, subscription, status, due_ms, created_ms)"
             " VALUES (?, ?, 'pending', ?, ?)",
             (seq, sub, now, now),
         )
-        ids.append(int(cur.lastrowid or 0))
-    return IngestResult(message_uuid, message_id, len(ids), False, tuple(ids))
+        delivery_ids.append(int(cur.lastrowid or 0))
+    return IngestResult(message_uuid, message_id, len(delivery_ids), False, tuple(delivery_ids))
 
 
-def _targets(conn: sqlite3.Connection, organization: str) -> list[tuple[str, list[str], list[str]]]:
+Targets = list[tuple[str, list[str], list[str]]]
+
+
+def _targets(conn: sqlite3.Connection, organization: str) -> Targets:
     rows = conn.execute(
         "SELECT uuid, event_names, scopes FROM subscriptions"
         " WHERE organization = ? AND deleted_ms IS NULL AND status != 'DISABLED'"
@@ -76,13 +81,22 @@ class EventStore:
     """Ingest (mixed into SqliteStore)."""
 
     db: Database
+    ids: IdSource
+    # organization -> its deliverable subscriptions; cleared inside every write that changes a
+    # subscription, so a write later in the same group commit never sees a stale list.
+    targets_cache: dict[str, Targets]
+
+    def subscriptions_changed(self) -> None:
+        """Forget cached fan-out targets (call inside the write that changed a subscription)."""
+        self.targets_cache.clear()
 
     async def ingest(self, events: Sequence[NewEvent], matches: Matcher) -> list[IngestResult]:
         """Store events and their deliveries atomically (all or nothing) in a group commit."""
 
         def fn(conn: sqlite3.Connection) -> list[IngestResult]:
             now = now_ms()
-            targets: dict[str, list[tuple[str, list[str], list[str]]]] = {}
+            now_iso = iso_ms(now)
+            targets = self.targets_cache
             results = []
             for event in events:
                 subs = targets.get(event.organization)
@@ -91,7 +105,7 @@ class EventStore:
                 wanted = [
                     s for s, names, scopes in subs if matches(event.event_name, names, scopes)
                 ]
-                results.append(insert_event(conn, event, now, wanted))
+                results.append(insert_event(conn, self.ids, event, now, wanted, now_iso))
             return results
 
         return await self.db.write(fn)
@@ -100,6 +114,6 @@ class EventStore:
         """Store one event addressed to the given subscriptions only (test sends)."""
 
         def fn(conn: sqlite3.Connection) -> IngestResult:
-            return insert_event(conn, event, now_ms(), subscriptions)
+            return insert_event(conn, self.ids, event, now_ms(), subscriptions)
 
         return await self.db.write(fn)

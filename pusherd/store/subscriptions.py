@@ -10,6 +10,7 @@ import orjson
 from pusherd.clock import now_ms
 from pusherd.store.db import Database
 from pusherd.store.events import insert_event
+from pusherd.store.ids import IdSource
 from pusherd.store.models import (
     NewEvent,
     NewSubscription,
@@ -64,6 +65,10 @@ class SubscriptionStore:
     """Subscription reads and writes (mixed into SqliteStore)."""
 
     db: Database
+    ids: IdSource
+
+    def subscriptions_changed(self) -> None:
+        """Forget what depends on subscriptions (EventStore's fan-out cache)."""
 
     async def create_subscription(
         self, new: NewSubscription, welcome: NewEvent | None
@@ -93,7 +98,8 @@ class SubscriptionStore:
                 ),
             )
             if welcome is not None:
-                insert_event(conn, welcome, now, (new.uuid,))
+                insert_event(conn, self.ids, welcome, now, (new.uuid,))
+            self.subscriptions_changed()
             sub = get_subscription(conn, new.organization, new.uuid)
             assert sub is not None
             return sub
@@ -147,6 +153,7 @@ class SubscriptionStore:
             conn.execute(
                 f"UPDATE subscriptions SET {', '.join(sets)} WHERE uuid = ?", (*params, uuid)
             )
+            self.subscriptions_changed()
             return get_subscription(conn, organization, uuid)
 
         return await self.db.write(fn)
@@ -162,6 +169,7 @@ class SubscriptionStore:
                 (now, now, uuid, organization),
             )
             # Its pending deliveries are cancelled in batches by close_pending().
+            self.subscriptions_changed()
             return cur.rowcount > 0
 
         return await self.db.write(fn)
