@@ -39,7 +39,7 @@ log = structlog.get_logger("pusherd.delivery")
 
 POLL_S = 1.0
 TARGETS_MAX_AGE_S = 5.0  # subscriptions are re-read at least this often (changes made elsewhere)
-QUEUE_FACTOR = 2  # claimed rows ready behind an origin's in-flight attempts, per slot
+QUEUE_FACTOR = 3  # claimed rows ready behind an origin's in-flight attempts, per slot
 BREAKER_THRESHOLD = 5
 BREAKER_FIRST_PAUSE_S = 30.0
 BREAKER_MAX_PAUSE_S = 600.0
@@ -110,6 +110,8 @@ class Origin:
     waiting: deque[ClaimedDelivery] = field(default_factory=deque)
     subscriptions: list[str] = field(default_factory=list)
     turn: int = 0  # round-robin start among its subscriptions
+    in_flight_gauge: Any = None  # this origin's children of the labelled gauges
+    circuit_gauge: Any = None
 
     def room(self, per_destination: int, now: float) -> int:
         """How many more rows to claim for it now."""
@@ -117,6 +119,8 @@ class Origin:
             if self.breaker.paused(now) or self.breaker.probing or self.in_flight or self.waiting:
                 return 0
             return 1  # the pause is over: one probe
+        if len(self.waiting) >= per_destination:
+            return 0  # enough ready: top up in batches, not one row per finished attempt
         return per_destination * (1 + QUEUE_FACTOR) - self.in_flight - len(self.waiting)
 
 
@@ -153,6 +157,12 @@ class Dispatcher:
         self._stopping: asyncio.Future[None] | None = None
         self._in_flight = 0
         self._gone: set[str] = set()  # answered 410, not yet recorded DISABLED
+        # Labelled metric children looked up once: labels() is costly on the hot path.
+        self._outcomes = {
+            o: metrics.attempts.labels(outcome=o)
+            for o in ("success", "http_error", "network_error", "timeout")
+        }
+        self._finished = {s: metrics.finished.labels(status=s) for s in ("delivered", "failed")}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -368,14 +378,19 @@ class Dispatcher:
             name = destination
         origin = self._origins.get(name)
         if origin is None:
-            origin = self._origins[name] = Origin(name, Breaker(self.breaker_pause_s))
+            origin = self._origins[name] = Origin(
+                name,
+                Breaker(self.breaker_pause_s),
+                in_flight_gauge=self.metrics.in_flight.labels(origin=name),
+                circuit_gauge=self.metrics.circuit_open.labels(origin=name),
+            )
         return origin
 
     def _start(self, origin: Origin, d: ClaimedDelivery) -> None:
         origin.sending += 1
         origin.in_flight += 1
         self._in_flight += 1
-        self.metrics.in_flight.labels(origin=origin.name).set(origin.in_flight)
+        origin.in_flight_gauge.set(origin.in_flight)
         self._tasks[d.id] = asyncio.get_running_loop().create_task(self._attempt(origin, d))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -429,7 +444,7 @@ class Dispatcher:
             on_sent()
             origin.in_flight -= 1
             self._in_flight -= 1
-            self.metrics.in_flight.labels(origin=origin.name).set(origin.in_flight)
+            origin.in_flight_gauge.set(origin.in_flight)
             self._pump()
             self._wake.set()
 
@@ -477,10 +492,8 @@ class Dispatcher:
             ids = [w.id for w in origin.waiting]
             origin.waiting.clear()
             self._spawn(self._release(ids))
-        self.metrics.circuit_open.labels(origin=origin.name).set(
-            1 if origin.breaker.tripped() else 0
-        )
-        self.metrics.attempts.labels(outcome=outcome_label(outcome)).inc()
+        origin.circuit_gauge.set(1 if origin.breaker.tripped() else 0)
+        self._outcomes[outcome_label(outcome)].inc()
         self.metrics.attempt_duration.observe(outcome.duration_ms / 1000)
 
     async def _record(self, d: ClaimedDelivery, outcome: Outcome, started: int) -> None:
@@ -496,9 +509,9 @@ class Dispatcher:
             d, self.owner, record, decision.kind, decision.next_attempt_ms, self.disable_after_ms
         )
         if decision.kind == "delivered":
-            self.metrics.finished.labels(status="delivered").inc()
+            self._finished["delivered"].inc()
         elif decision.kind in ("failed", "gone"):
-            self.metrics.finished.labels(status="failed").inc()
+            self._finished["failed"].inc()
         log.info(
             "delivery_attempted",
             delivery_id=d.id,

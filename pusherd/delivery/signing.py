@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 from collections.abc import Sequence
 
@@ -13,7 +12,7 @@ __all__ = ["signature_headers", "standard_signature", "zettle_signature"]
 def zettle_signature(signing_key: str, timestamp: str, payload: str) -> str:
     """Return the X-iZettle-Signature value: hex HMAC-SHA256 of ``timestamp.payload``."""
     message = f"{timestamp}.{payload}".encode()
-    return hmac.new(signing_key.encode(), message, hashlib.sha256).hexdigest()
+    return hmac.digest(signing_key.encode(), message, "sha256").hex()
 
 
 def standard_signature(key: str, msg_id: str, ts_s: int, body: bytes) -> str:
@@ -21,7 +20,7 @@ def standard_signature(key: str, msg_id: str, ts_s: int, body: bytes) -> str:
     # The key is used as raw UTF-8 bytes, not as a "whsec_" base64 secret, so receivers
     # must build their verifier with Webhook(signing_key.encode()).
     message = f"{msg_id}.{ts_s}.".encode() + body
-    digest = hmac.new(key.encode(), message, hashlib.sha256).digest()
+    digest = hmac.digest(key.encode(), message, "sha256")
     return "v1," + base64.b64encode(digest).decode("ascii")
 
 

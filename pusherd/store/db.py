@@ -24,7 +24,7 @@ T = TypeVar("T")
 log = structlog.get_logger("pusherd.store")
 
 BUSY_TIMEOUT_MS = 5000
-GROUP_WINDOW_S = 0.002
+GROUP_WINDOW_S = 0.005
 
 
 class StoreError(Exception):
@@ -121,6 +121,7 @@ def connect_sync(path: str | Path) -> sqlite3.Connection:
 
 
 WriteFn = Callable[[sqlite3.Connection], Any]
+_Write = tuple[WriteFn, "asyncio.Future[Any]", bool]  # (fn, its future, durable)
 
 
 class Database:
@@ -130,10 +131,10 @@ class Database:
         self.path = str(path)
         self._writer: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._queue: list[tuple[WriteFn, asyncio.Future[Any]]] = []
+        self._urgent: list[_Write] = []
+        self._deferred: list[_Write] = []
         self._soon: asyncio.Handle | None = None
         self._later: asyncio.TimerHandle | None = None
-        self._durable = False
         self.commits = 0
 
     async def open(self) -> None:
@@ -144,8 +145,7 @@ class Database:
 
     async def close(self) -> None:
         """Flush waiting writes and close both connections."""
-        if self._queue:
-            self._flush()
+        self._flush_all()
         if self._reader is not None:
             await self._reader.close()
             self._reader = None
@@ -162,42 +162,60 @@ class Database:
     def write(
         self, fn: Callable[[sqlite3.Connection], T], *, urgent: bool = True, durable: bool = True
     ) -> asyncio.Future[T]:
-        """Queue fn to run inside the next group commit; the future resolves after COMMIT.
+        """Queue fn to run inside a group commit; the future resolves after COMMIT.
 
-        An urgent write (ingest, API) is committed at the end of this loop iteration. A write
-        nobody waits on to answer a client (attempt records) may wait GROUP_WINDOW_S for others
-        to share its fsync; an urgent write arriving meanwhile takes it along. A write that need
-        not survive a power loss (a lease, which at worst runs out) alone in its group commit
-        skips the fsync: WAL with synchronous=NORMAL still survives a crash of the process.
+        An urgent write (ingest, API, claims) is committed at the end of this loop iteration.
+        A write nobody waits on to answer a client (attempt records) waits up to GROUP_WINDOW_S
+        for others to share its fsync; an urgent durable write arriving meanwhile takes it along.
+        A write that need not survive a power loss (a lease, which at worst runs out) is
+        committed without fsync when nothing durable shares its commit: WAL with
+        synchronous=NORMAL still survives a crash of the process.
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._queue.append((fn, fut))
-        if durable:
-            self._durable = True
         if urgent:
+            self._urgent.append((fn, fut, durable))
             if self._soon is None:
-                self._soon = loop.call_soon(self._flush)
-        elif self._soon is None and self._later is None:
-            self._later = loop.call_later(GROUP_WINDOW_S, self._flush)
+                self._soon = loop.call_soon(self._flush_urgent)
+        else:
+            self._deferred.append((fn, fut, durable))
+            if self._later is None:
+                self._later = loop.call_later(GROUP_WINDOW_S, self._flush_all)
         return fut
 
-    def _flush(self) -> None:
-        for handle in (self._soon, self._later):
-            if handle is not None:
-                handle.cancel()
-        self._soon = self._later = None
-        batch, self._queue = self._queue, []
-        durable, self._durable = self._durable, False
+    def _flush_urgent(self) -> None:
+        self._soon = None
+        batch, self._urgent = self._urgent, []
+        if any(durable for _, _, durable in batch):
+            # This commit pays an fsync anyway: the deferred writes share it.
+            batch += self._take_deferred()
+        self._commit(batch)
+
+    def _flush_all(self) -> None:
+        if self._soon is not None:
+            self._soon.cancel()
+            self._soon = None
+        batch, self._urgent = self._urgent, []
+        self._commit(batch + self._take_deferred())
+
+    def _take_deferred(self) -> list[_Write]:
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
+        batch, self._deferred = self._deferred, []
+        return batch
+
+    def _commit(self, batch: list[_Write]) -> None:
         if not batch:
             return
+        durable = any(d for _, _, d in batch)
         conn = self.writer
         results: list[tuple[bool, Any]] = []
         try:
             if not durable:
                 conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("BEGIN IMMEDIATE")
-            for fn, _ in batch:
+            for fn, _, _ in batch:
                 conn.execute("SAVEPOINT w")
                 try:
                     results.append((True, fn(conn)))
@@ -221,11 +239,11 @@ class Database:
                 conn.execute("PRAGMA synchronous = FULL")
             log.error("commit_failed", error=str(exc), writes=len(batch))
             err = StoreError(f"could not commit: {exc}")
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 if not fut.done():
                     fut.set_exception(err)
             return
-        for (_, fut), (ok, value) in zip(batch, results, strict=True):
+        for (_, fut, _), (ok, value) in zip(batch, results, strict=True):
             if fut.done():
                 continue
             if ok:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pusherd.clock import now_ms
-from pusherd.store.db import Database
+from pusherd.store.db import Database, StoreError
 from pusherd.store.models import (
     AttemptRecord,
     ClaimedDelivery,
@@ -101,10 +103,22 @@ def _status_change(
     return StatusChange(sub_uuid, org, email, destination, old, new, reason)
 
 
+@dataclass
+class _Record:
+    delivery: ClaimedDelivery
+    owner: str
+    attempt: AttemptRecord
+    finish: Finish
+    next_attempt_ms: int | None
+    disable_after_ms: int
+    future: asyncio.Future[StatusChange | None]
+
+
 class DeliveryStore:
     """Delivery reads and writes (mixed into SqliteStore)."""
 
     db: Database
+    _records: list[_Record]
 
     def subscriptions_changed(self) -> None:
         """Forget what depends on subscriptions (EventStore's fan-out cache)."""
@@ -200,63 +214,103 @@ class DeliveryStore:
         next_attempt_ms: int | None,
         disable_after_ms: int,
     ) -> StatusChange | None:
-        """Record one attempt and its consequence in one commit; return a status change."""
+        """Record one attempt and its consequence durably; return a status change.
 
-        def fn(conn: sqlite3.Connection) -> StatusChange | None:
-            now = now_ms()
-            body = attempt.response_body[:RESPONSE_BODY_MAX]
-            conn.execute(
-                "INSERT INTO attempts (delivery_id, started_ms, duration_ms, status_code, error,"
-                " response_body) VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    delivery.id,
-                    attempt.started_ms,
-                    attempt.duration_ms,
-                    attempt.status_code,
-                    attempt.error,
-                    body,
-                ),
-            )
-            if finish == "retry":
-                status, finished, due = "pending", None, next_attempt_ms or now
+        Records waiting for the same group commit are written by one write (executemany), so
+        the per-write overhead is paid once per commit, not once per attempt.
+        """
+        fut: asyncio.Future[StatusChange | None] = asyncio.get_running_loop().create_future()
+        self._records.append(
+            _Record(delivery, owner, attempt, finish, next_attempt_ms, disable_after_ms, fut)
+        )
+        if len(self._records) == 1:
+            taken: list[_Record] = []
+            done = self.db.write(lambda conn: self._write_records(conn, taken), urgent=False)
+            done.add_done_callback(lambda f: self._settle_records(f, taken))
+        return await fut
+
+    def _settle_records(
+        self, done: asyncio.Future[list[StatusChange | None]], taken: list[_Record]
+    ) -> None:
+        """Hand each waiting record its result once the commit is through (or its error)."""
+        if not taken:  # the write never ran: every record still buffered shared it
+            taken[:], self._records = self._records, []
+        error = None if done.cancelled() else done.exception()
+        changes = [] if error is not None or done.cancelled() else done.result()
+        for i, r in enumerate(taken):
+            if r.future.done():
+                continue
+            if error is not None or done.cancelled():
+                r.future.set_exception(error or StoreError("attempt not recorded"))
             else:
-                status, finished, due = (
-                    ("delivered" if finish == "delivered" else "failed"),
-                    now,
-                    now,
+                r.future.set_result(changes[i])
+
+    def _write_records(
+        self, conn: sqlite3.Connection, taken: list[_Record]
+    ) -> list[StatusChange | None]:
+        batch, self._records = self._records, []
+        taken[:] = batch
+        now = now_ms()
+        attempts, updates = [], []
+        for r in batch:
+            a = r.attempt
+            attempts.append(
+                (
+                    r.delivery.id,
+                    a.started_ms,
+                    a.duration_ms,
+                    a.status_code,
+                    a.error,
+                    a.response_body[:RESPONSE_BODY_MAX],
                 )
-            # Only the lease holder moves the row on; a stale owner just leaves its attempt record.
-            conn.execute(
-                "UPDATE deliveries SET status = ?, attempts = attempts + 1,"
-                " schedule_pos = schedule_pos + ?, due_ms = ?, finished_ms = ?,"
-                " lease_owner = NULL, lease_until_ms = NULL, last_attempt_ms = ?,"
-                " last_status_code = ?, last_error = ?"
-                " WHERE id = ? AND status = 'pending' AND lease_owner = ?",
+            )
+            if r.finish == "retry":
+                status, finished, due = "pending", None, r.next_attempt_ms or now
+            else:
+                status = "delivered" if r.finish == "delivered" else "failed"
+                finished, due = now, now
+            updates.append(
                 (
                     status,
-                    0 if finish == "delivered" else 1,
+                    0 if r.finish == "delivered" else 1,
                     due,
                     finished,
-                    attempt.started_ms,
-                    attempt.status_code,
-                    attempt.error,
-                    delivery.id,
-                    owner,
-                ),
+                    a.started_ms,
+                    a.status_code,
+                    a.error,
+                    r.delivery.id,
+                    r.owner,
+                )
             )
+        conn.executemany(
+            "INSERT INTO attempts (delivery_id, started_ms, duration_ms, status_code, error,"
+            " response_body) VALUES (?, ?, ?, ?, ?, ?)",
+            attempts,
+        )
+        # Only the lease holder moves a row on; a stale owner just leaves its attempt record.
+        conn.executemany(
+            "UPDATE deliveries SET status = ?, attempts = attempts + 1,"
+            " schedule_pos = schedule_pos + ?, due_ms = ?, finished_ms = ?,"
+            " lease_owner = NULL, lease_until_ms = NULL, last_attempt_ms = ?,"
+            " last_status_code = ?, last_error = ?"
+            " WHERE id = ? AND status = 'pending' AND lease_owner = ?",
+            updates,
+        )
+        changes: list[StatusChange | None] = []
+        for r in batch:
             change = _status_change(
                 conn,
-                delivery.subscription,
-                success=finish == "delivered",
-                gone=finish == "gone",
+                r.delivery.subscription,
+                success=r.finish == "delivered",
+                gone=r.finish == "gone",
                 now=now,
-                disable_after_ms=disable_after_ms,
+                disable_after_ms=r.disable_after_ms,
             )
             if change is not None:
                 self.subscriptions_changed()
-            return change
+            changes.append(change)
 
-        return await self.db.write(fn, urgent=False)
+        return changes
 
     async def release(self, owner: str, ids: Sequence[int], due_ms: int | None = None) -> None:
         """Give leased deliveries back without spending an attempt (due now or at due_ms)."""
