@@ -25,6 +25,7 @@ log = structlog.get_logger("pusherd.store")
 
 BUSY_TIMEOUT_MS = 5000
 GROUP_WINDOW_S = 0.005
+CHECKPOINT_EVERY_S = 0.5
 
 
 class StoreError(Exception):
@@ -131,6 +132,7 @@ class Database:
         self.path = str(path)
         self._writer: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._checkpointer: asyncio.Task[None] | None = None
         self._urgent: list[_Write] = []
         self._deferred: list[_Write] = []
         self._soon: asyncio.Handle | None = None
@@ -138,14 +140,38 @@ class Database:
         self.commits = 0
 
     async def open(self) -> None:
-        """Open, configure and migrate the file."""
+        """Open, configure and migrate the file; checkpoint the WAL off the event loop."""
         self._writer = connect_sync(self.path)
+        # A checkpoint inside a commit would stall the loop for its fsyncs: the reader's thread
+        # runs them instead.
+        self._writer.execute("PRAGMA wal_autocheckpoint = 0")
         self._reader = await aiosqlite.connect(self.path)
         await self._reader.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self._checkpointer = asyncio.get_running_loop().create_task(self._checkpoint_loop())
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CHECKPOINT_EVERY_S)
+            try:
+                await self.checkpoint()
+            except sqlite3.Error as exc:
+                log.warning("checkpoint_failed", error=str(exc))
+
+    async def checkpoint(self) -> None:
+        """Copy committed WAL pages into the database file (PASSIVE: never blocks writers)."""
+        if self._reader is not None:
+            await self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     async def close(self) -> None:
-        """Flush waiting writes and close both connections."""
+        """Flush waiting writes, checkpoint, and close both connections."""
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
+            await asyncio.gather(self._checkpointer, return_exceptions=True)
+            self._checkpointer = None
         self._flush_all()
+        if self._writer is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         if self._reader is not None:
             await self._reader.close()
             self._reader = None
