@@ -284,7 +284,7 @@ async def _send_test(
 ) -> web.Response:
     event = NewEvent(org, name, TEST_PAYLOAD, None, None)
     result = await runtime.store.send_to(event, [s.uuid for s in targets])
-    runtime.dispatcher.wake()
+    runtime.dispatcher.wake(everything=True)
     events = [
         {"webhookId": s.uuid, "eventId": str(i)}
         for s, i in zip(targets, result.delivery_ids, strict=True)
@@ -369,7 +369,7 @@ async def retry_event(request: web.Request) -> web.Response:
         raise ApiError(404, "no such event")
     if outcome == "pending":
         raise ApiError(409, "this event is still pending; it can be retried once it has finished")
-    runtime.dispatcher.wake()
+    runtime.dispatcher.wake(everything=True)
     return success(
         {"jobId": str(delivery_id), "status": "pending"}, "Webhook queued for retry", 202
     )

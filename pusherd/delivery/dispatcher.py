@@ -38,6 +38,7 @@ from pusherd.store.models import AttemptRecord, ClaimedDelivery, StatusChange
 log = structlog.get_logger("pusherd.delivery")
 
 POLL_S = 1.0
+NOTHING_DUE = 2**62  # a due time that never comes
 TARGETS_MAX_AGE_S = 5.0  # subscriptions are re-read at least this often (changes made elsewhere)
 QUEUE_FACTOR = 3  # claimed rows ready behind an origin's in-flight attempts, per slot
 BREAKER_THRESHOLD = 5
@@ -106,6 +107,7 @@ class Origin:
     name: str
     breaker: Breaker
     in_flight: int = 0
+    promised: int = 0  # fresh deliveries an ingest is handing over (not committed yet)
     sending: int = 0  # attempts started whose request is not on the wire yet
     waiting: deque[ClaimedDelivery] = field(default_factory=deque)
     subscriptions: list[str] = field(default_factory=list)
@@ -121,11 +123,51 @@ class Origin:
             return 1  # the pause is over: one probe
         if len(self.waiting) >= per_destination:
             return 0  # enough ready: top up in batches, not one row per finished attempt
-        return per_destination * (1 + QUEUE_FACTOR) - self.in_flight - len(self.waiting)
+        return self.free(per_destination)
+
+    def free(self, per_destination: int) -> int:
+        """Room left for rows in flight, ready, or being handed over."""
+        held = self.in_flight + len(self.waiting) + self.promised
+        return per_destination * (1 + QUEUE_FACTOR) - held
+
+
+class Taking:
+    """One ingest's hand-over: which fresh deliveries go straight to the dispatcher."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+        self.owner = dispatcher.owner
+        self.lease_ms = dispatcher.lease_ms
+        self.promises: list[Origin] = []
+        self.missed: set[str] = set()  # subscriptions that got a row the usual way
+
+    def wants(self, subscription: str) -> bool:
+        """Take it when its origin has room and no older delivery of it may be due."""
+        d = self.dispatcher
+        origin = d._sub_origin.get(subscription)
+        quiet_until = d._quiet.get(subscription)
+        if (
+            origin is None
+            or d._stop.is_set()
+            or quiet_until is None
+            or quiet_until <= now_ms()
+            or origin.breaker.tripped()
+            or origin.free(d.config.per_destination) <= 0
+        ):
+            d._quiet.pop(subscription, None)  # a due row is now in the table: probe it
+            self.missed.add(subscription)
+            return False
+        origin.promised += 1
+        self.promises.append(origin)
+        return True
 
 
 class Dispatcher:
-    """Claims due deliveries and sends them, woken by ingest with a poll as a fallback."""
+    """Claims due deliveries and sends them, woken by ingest with a poll as a fallback.
+
+    Fresh deliveries skip the claim: ingest creates them leased to this dispatcher when their
+    origin has room and nothing older of their subscription is due (see Taking).
+    """
 
     def __init__(
         self,
@@ -157,6 +199,11 @@ class Dispatcher:
         self._stopping: asyncio.Future[None] | None = None
         self._in_flight = 0
         self._gone: set[str] = set()  # answered 410, not yet recorded DISABLED
+        self._sub_origin: dict[str, Origin] = {}
+        # subscription -> earliest due time of its pending rows as last probed (a large number
+        # when none); absent: unknown, probe before claiming. Cleared at least every POLL_S.
+        self._quiet: dict[str, int] = {}
+        self._probed_all_at = 0.0
         # Labelled metric children looked up once: labels() is costly on the hot path.
         self._outcomes = {
             o: metrics.attempts.labels(outcome=o)
@@ -170,9 +217,28 @@ class Dispatcher:
         """Start the claim loop."""
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
-    def wake(self) -> None:
-        """New work may be due (called right after an ingest commit)."""
+    def wake(self, everything: bool = False) -> None:
+        """New work may be due; `everything`: rows were queued behind the ingest path's back
+        (test sends, retries, replays), so every subscription is probed again."""
+        if everything:
+            self._quiet.clear()
         self._wake.set()
+
+    def taking(self) -> Taking:
+        """A hand-over for one ingest (pass it to Store.ingest, then to accept())."""
+        return Taking(self)
+
+    def accept(self, taking: Taking, handed: list[ClaimedDelivery]) -> None:
+        """Take the deliveries an ingest committed leased to us (none if its write failed)."""
+        for origin in taking.promises:
+            origin.promised -= 1
+        taking.promises.clear()
+        # A probe may have run between wants() and the commit and found nothing yet.
+        for sub in taking.missed:
+            self._quiet.pop(sub, None)
+        taking.missed.clear()
+        if handed:
+            self._dispatch(handed)
 
     async def refresh_subscription(self, subscription: str) -> int:
         """A subscription changed (destination, key, status) or was deleted.
@@ -187,6 +253,7 @@ class Dispatcher:
                 origin.waiting = deque(d for d in origin.waiting if d.subscription != subscription)
                 ids.extend(mine)
         self._targets_at = -TARGETS_MAX_AGE_S
+        self._quiet.clear()
         await self._release(ids)
         self._wake.set()
         return len(ids)
@@ -272,14 +339,21 @@ class Dispatcher:
         self._targets_at = now
         for origin in self._origins.values():
             origin.subscriptions = []
+        self._sub_origin = {}
         for uuid, destination in self.store.dispatch_targets():
             if uuid not in self._gone:
-                self._origin(destination).subscriptions.append(uuid)
+                origin = self._origin(destination)
+                origin.subscriptions.append(uuid)
+                self._sub_origin[uuid] = origin
 
     async def _cycle(self) -> float:
         """Claim for every origin with room; return how long to wait (0: go again now)."""
         self._load_targets()
         now, wall_ms = time.monotonic(), now_ms()
+        if now - self._probed_all_at >= POLL_S:
+            # Rows may be queued by other means (another process, the CLI): look again.
+            self._probed_all_at = now
+            self._quiet.clear()
         budget = self.config.max_in_flight * (1 + QUEUE_FACTOR) - len(self._held)
         next_ms = wall_ms + int(POLL_S * 1000)
         wants: list[tuple[str, int]] = []
@@ -293,12 +367,15 @@ class Dispatcher:
                 continue
             due_subs = []
             for sub in origin.subscriptions:
-                due = self.store.next_due(sub)
-                if due is None:
-                    continue
+                due = self._quiet.get(sub)
+                if due is None or due <= wall_ms:
+                    probed = self.store.next_due(sub)
+                    due = NOTHING_DUE if probed is None else probed
                 if due <= wall_ms:
+                    self._quiet.pop(sub, None)
                     due_subs.append(sub)
                 else:
+                    self._quiet[sub] = due
                     next_ms = min(next_ms, due)
             if not due_subs:
                 continue
@@ -404,11 +481,14 @@ class Dispatcher:
             self._held.discard(i)
         if not ids:
             return
+        self._quiet.clear()  # those rows are due again: probe before handing fresh ones over
         try:
             await self.store.release(self.owner, ids, due_ms)
         except StoreError as exc:
             # The lease runs out on its own; the rows are claimed again then.
             log.error("release_failed", error=str(exc), deliveries=len(ids))
+        self._quiet.clear()  # again: a probe before the commit saw them still leased
+        self._wake.set()
 
     async def _recover(self) -> None:
         """Hand back rows leased by a process of this host that has died."""
@@ -508,6 +588,10 @@ class Dispatcher:
         change = await self.store.record_attempt(
             d, self.owner, record, decision.kind, decision.next_attempt_ms, self.disable_after_ms
         )
+        if decision.kind == "retry" and decision.next_attempt_ms is not None:
+            quiet = self._quiet.get(d.subscription)
+            if quiet is not None:  # it is due again then: wake up for it
+                self._quiet[d.subscription] = min(quiet, decision.next_attempt_ms)
         if decision.kind == "delivered":
             self._finished["delivered"].inc()
         elif decision.kind in ("failed", "gone"):

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from pusherd.store.deliveries import Finish
-from pusherd.store.events import Matcher
+from pusherd.store.events import Matcher, Taker
 from pusherd.store.models import (
     AttemptRecord,
     ClaimedDelivery,
@@ -41,7 +41,9 @@ class Store(Protocol):
         self, organization: str, uuid: str, new_key: str, keep_old_ms: int
     ) -> bool: ...
 
-    async def ingest(self, events: Sequence[NewEvent], matches: Matcher) -> list[IngestResult]: ...
+    async def ingest(
+        self, events: Sequence[NewEvent], matches: Matcher, taker: Taker | None = None
+    ) -> list[IngestResult]: ...
     async def send_to(self, event: NewEvent, subscriptions: Sequence[str]) -> IngestResult: ...
 
     def dispatch_targets(self) -> list[tuple[str, str]]: ...

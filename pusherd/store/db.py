@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import sqlite3
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -121,32 +122,51 @@ def connect_sync(path: str | Path) -> sqlite3.Connection:
     return conn
 
 
+def _commit_now(conn: sqlite3.Connection) -> None:
+    """COMMIT and its fsync; sqlite3 releases the GIL meanwhile."""
+    conn.execute("COMMIT")
+
+
 WriteFn = Callable[[sqlite3.Connection], Any]
 _Write = tuple[WriteFn, "asyncio.Future[Any]", bool]  # (fn, its future, durable)
 
 
 class Database:
-    """One writer connection with group commit, plus one aiosqlite reader."""
+    """The writer connection with group commit, a quick reader, and an aiosqlite reader.
+
+    Statements of a group commit run on the event loop's thread (a thread hop per statement
+    would cost more than the statement); its COMMIT, when it must be fsync'd, runs on a
+    dedicated thread, so the loop keeps serving while the disk syncs and the writes that arrive
+    meanwhile form the next group (pipelined group commit). Small indexed reads use their own
+    connection on the loop's thread, so they never wait for a commit in flight.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         self._writer: sqlite3.Connection | None = None
+        self._quick: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._checkpointer: asyncio.Task[None] | None = None
+        self._syncer: ThreadPoolExecutor | None = None
         self._urgent: list[_Write] = []
         self._deferred: list[_Write] = []
         self._soon: asyncio.Handle | None = None
         self._later: asyncio.TimerHandle | None = None
+        self._in_flight: asyncio.Future[None] | None = None  # a COMMIT on the syncer thread
         self.commits = 0
 
     async def open(self) -> None:
         """Open, configure and migrate the file; checkpoint the WAL off the event loop."""
         self._writer = connect_sync(self.path)
-        # A checkpoint inside a commit would stall the loop for its fsyncs: the reader's thread
-        # runs them instead.
+        # A checkpoint inside a commit would stall the writer for its fsyncs: the reader's
+        # thread runs them instead.
         self._writer.execute("PRAGMA wal_autocheckpoint = 0")
+        self._quick = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._quick.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self._quick.execute("PRAGMA query_only = ON")
         self._reader = await aiosqlite.connect(self.path)
         await self._reader.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pusherd-commit")
         self._checkpointer = asyncio.get_running_loop().create_task(self._checkpoint_loop())
 
     async def _checkpoint_loop(self) -> None:
@@ -163,21 +183,29 @@ class Database:
             await self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     async def close(self) -> None:
-        """Flush waiting writes, checkpoint, and close both connections."""
+        """Flush waiting writes, checkpoint, and close every connection."""
         if self._checkpointer is not None:
             self._checkpointer.cancel()
             await asyncio.gather(self._checkpointer, return_exceptions=True)
             self._checkpointer = None
-        self._flush_all()
+        while self._in_flight is not None or self._urgent or self._deferred:
+            if self._in_flight is not None:
+                await asyncio.gather(self._in_flight, return_exceptions=True)
+            else:
+                self._flush_all()
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=True)
+            self._syncer = None
         if self._writer is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         if self._reader is not None:
             await self._reader.close()
             self._reader = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        for conn in (self._quick, self._writer):
+            if conn is not None:
+                conn.close()
+        self._quick = self._writer = None
 
     @property
     def writer(self) -> sqlite3.Connection:
@@ -190,12 +218,12 @@ class Database:
     ) -> asyncio.Future[T]:
         """Queue fn to run inside a group commit; the future resolves after COMMIT.
 
-        An urgent write (ingest, API, claims) is committed at the end of this loop iteration.
-        A write nobody waits on to answer a client (attempt records) waits up to GROUP_WINDOW_S
-        for others to share its fsync; an urgent durable write arriving meanwhile takes it along.
-        A write that need not survive a power loss (a lease, which at worst runs out) is
-        committed without fsync when nothing durable shares its commit: WAL with
-        synchronous=NORMAL still survives a crash of the process.
+        An urgent write (ingest, API, claims) goes into the next commit. A write nobody waits
+        on to answer a client (attempt records) waits up to GROUP_WINDOW_S for others to share
+        its fsync; an urgent durable write arriving meanwhile takes it along. A write that need
+        not survive a power loss (a lease, which at worst runs out) is committed without fsync
+        when nothing durable shares its commit: WAL with synchronous=NORMAL still survives a
+        crash of the process.
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
@@ -211,6 +239,8 @@ class Database:
 
     def _flush_urgent(self) -> None:
         self._soon = None
+        if self._in_flight is not None:
+            return  # the commit in flight starts the next group when it is through
         batch, self._urgent = self._urgent, []
         if any(durable for _, _, durable in batch):
             # This commit pays an fsync anyway: the deferred writes share it.
@@ -221,6 +251,11 @@ class Database:
         if self._soon is not None:
             self._soon.cancel()
             self._soon = None
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
+        if self._in_flight is not None:
+            return
         batch, self._urgent = self._urgent, []
         self._commit(batch + self._take_deferred())
 
@@ -253,22 +288,46 @@ class Database:
                         # The database refused the write (disk full, I/O error): 503, not 500.
                         exc = StoreError(f"could not write: {exc}")
                     results.append((False, exc))
-            conn.execute("COMMIT")
-            self.commits += 1
             if not durable:
+                conn.execute("COMMIT")  # no fsync: cheaper than a hop to the syncer thread
                 conn.execute("PRAGMA synchronous = FULL")
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("PRAGMA synchronous = FULL")
-            log.error("commit_failed", error=str(exc), writes=len(batch))
-            err = StoreError(f"could not commit: {exc}")
-            for _, fut, _ in batch:
-                if not fut.done():
-                    fut.set_exception(err)
+            self._failed(batch, exc)
             return
+        if not durable:
+            self._settle(batch, results)
+            return
+        loop = asyncio.get_running_loop()
+        assert self._syncer is not None
+        self._in_flight = loop.run_in_executor(self._syncer, _commit_now, conn)
+
+        def committed(done: asyncio.Future[Any]) -> None:
+            self._in_flight = None
+            exc = done.exception()
+            if exc is not None:
+                self._failed(batch, exc)
+            else:
+                self._settle(batch, results)
+            if self._urgent or self._deferred:
+                self._flush_all()  # everything that queued up meanwhile: the next group
+
+        self._in_flight.add_done_callback(committed)
+
+    def _failed(self, batch: list[_Write], exc: BaseException) -> None:
+        conn = self.writer
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("PRAGMA synchronous = FULL")
+        log.error("commit_failed", error=str(exc), writes=len(batch))
+        err = StoreError(f"could not commit: {exc}")
+        for _, fut, _ in batch:
+            if not fut.done():
+                fut.set_exception(err)
+
+    def _settle(self, batch: list[_Write], results: list[tuple[bool, Any]]) -> None:
+        self.commits += 1
         for (_, fut, _), (ok, value) in zip(batch, results, strict=True):
             if fut.done():
                 continue
@@ -278,8 +337,10 @@ class Database:
                 fut.set_exception(value)
 
     def read_now(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
-        """A small indexed read on the writer connection, without leaving the loop."""
-        return self.writer.execute(sql, tuple(params)).fetchall()
+        """A small indexed read of committed data, on the loop's thread (never waits a commit)."""
+        if self._quick is None:
+            raise StoreError("database is not open")
+        return self._quick.execute(sql, tuple(params)).fetchall()
 
     async def read(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
         """A read that may scan many rows: runs on the reader connection's thread."""

@@ -86,6 +86,7 @@ class IngestResult:
     deliveries: int
     duplicate: bool
     delivery_ids: tuple[int, ...] = ()
+    handed: tuple[ClaimedDelivery, ...] = ()  # created leased to the ingest's taker
 
 
 @dataclass(frozen=True)

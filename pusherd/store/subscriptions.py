@@ -117,7 +117,12 @@ class SubscriptionStore:
 
     def get_subscription(self, organization: str, uuid: str) -> Subscription | None:
         """One live subscription of the organization, or None (another org's is invisible)."""
-        return get_subscription(self.db.writer, organization, uuid)
+        rows = self.db.read_now(
+            f"SELECT {_COLUMNS} FROM subscriptions"
+            " WHERE uuid = ? AND organization = ? AND deleted_ms IS NULL",
+            (uuid, organization),
+        )
+        return _row(rows[0]) if rows else None
 
     async def update_subscription(
         self, organization: str, uuid: str, changes: SubscriptionChanges
@@ -187,6 +192,7 @@ class SubscriptionStore:
                 " WHERE uuid = ? AND organization = ? AND deleted_ms IS NULL",
                 (now + keep_old_ms, new_key, now, uuid, organization),
             )
+            self.subscriptions_changed()
             return cur.rowcount > 0
 
         return await self.db.write(fn)
