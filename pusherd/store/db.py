@@ -308,6 +308,11 @@ class Database:
                 self._failed(batch, exc)
             else:
                 self._settle(batch, results)
+            if self._urgent and not any(d for _, _, d in self._urgent):
+                # Leases waiting for this commit go first, without an fsync, so that a claim
+                # never waits for two commits.
+                leases, self._urgent = self._urgent, []
+                self._commit(leases)
             if self._urgent or self._deferred:
                 self._flush_all()  # everything that queued up meanwhile: the next group
 
