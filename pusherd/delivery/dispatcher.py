@@ -476,14 +476,14 @@ class Dispatcher:
         self._tasks[-id(task)] = task
         task.add_done_callback(lambda t: self._tasks.pop(-id(t), None))
 
-    async def _release(self, ids: list[int], due_ms: int | None = None) -> None:
+    async def _release(self, ids: list[int]) -> None:
         for i in ids:
             self._held.discard(i)
         if not ids:
             return
         self._quiet.clear()  # those rows are due again: probe before handing fresh ones over
         try:
-            await self.store.release(self.owner, ids, due_ms)
+            await self.store.release(self.owner, ids)
         except StoreError as exc:
             # The lease runs out on its own; the rows are claimed again then.
             log.error("release_failed", error=str(exc), deliveries=len(ids))

@@ -28,6 +28,11 @@ _VIEW = (
 )
 
 
+# A row handed back without an attempt is due at once, and keeps its place in ingest order:
+# a claim moved its due time to the lease's end, a row never attempted goes back to its creation
+# time (one waiting for a retry keeps "now"). Both parameters are the current time.
+_DUE_AGAIN = "CASE WHEN schedule_pos = 0 THEN min(created_ms, ?) ELSE ? END"
+
 # A finished delivery queued again gets a fresh retry schedule; its attempt count keeps growing.
 _REQUEUE = (
     "UPDATE deliveries SET status = 'pending', due_ms = ?, finished_ms = NULL,"
@@ -176,7 +181,7 @@ class DeliveryStore:
             out, dead = [], []
             for r in data:
                 if r[14] == "DISABLED" or r[15] is not None:
-                    dead.append((now, r[0]))  # changed since the targets were read
+                    dead.append((now, now, r[0]))  # changed since the targets were read
                     continue
                 keys = (r[11],) if r[12] is None or (r[13] or 0) <= now else (r[11], r[12])
                 out.append(
@@ -197,8 +202,8 @@ class DeliveryStore:
                 )
             if dead:  # left pending for close_pending(), which finishes them in batches
                 conn.executemany(
-                    "UPDATE deliveries SET due_ms = ?, lease_owner = NULL, lease_until_ms = NULL"
-                    " WHERE id = ?",
+                    f"UPDATE deliveries SET due_ms = {_DUE_AGAIN}, lease_owner = NULL,"
+                    " lease_until_ms = NULL WHERE id = ?",
                     dead,
                 )
             return out
@@ -312,17 +317,17 @@ class DeliveryStore:
 
         return changes
 
-    async def release(self, owner: str, ids: Sequence[int], due_ms: int | None = None) -> None:
-        """Give leased deliveries back without spending an attempt (due now or at due_ms)."""
+    async def release(self, owner: str, ids: Sequence[int]) -> None:
+        """Give leased deliveries back without spending an attempt, due at once."""
         if not ids:
             return
 
         def fn(conn: sqlite3.Connection) -> None:
-            due = now_ms() if due_ms is None else due_ms
+            now = now_ms()
             conn.executemany(
-                "UPDATE deliveries SET lease_owner = NULL, lease_until_ms = NULL, due_ms = ?"
-                " WHERE id = ? AND status = 'pending' AND lease_owner = ?",
-                [(due, i, owner) for i in ids],
+                f"UPDATE deliveries SET lease_owner = NULL, lease_until_ms = NULL,"
+                f" due_ms = {_DUE_AGAIN} WHERE id = ? AND status = 'pending' AND lease_owner = ?",
+                [(now, now, i, owner) for i in ids],
             )
 
         await self.db.write(fn, urgent=False, durable=False)
@@ -383,10 +388,11 @@ class DeliveryStore:
             freed = 0
             for owner in dead:
                 cur = conn.execute(
-                    "UPDATE deliveries SET due_ms = ?, lease_owner = NULL, lease_until_ms = NULL"
+                    f"UPDATE deliveries SET due_ms = {_DUE_AGAIN}, lease_owner = NULL,"
+                    " lease_until_ms = NULL"
                     " WHERE id IN (SELECT id FROM deliveries WHERE status = 'pending'"
                     " AND due_ms > ? AND lease_owner = ?)",
-                    (now, now, owner),
+                    (now, now, now, owner),
                 )
                 freed += cur.rowcount
             return freed
