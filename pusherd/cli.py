@@ -26,7 +26,7 @@ from pusherd.config import (
     split_listen,
 )
 from pusherd.log import configure_logging
-from pusherd.store.db import SchemaTooNewError, StoreError, connect_sync
+from pusherd.store.db import SchemaTooNewError, StoreError, connect_sync, transaction
 from pusherd.store.tokens import create_token, list_tokens, revoke_token
 
 EXIT_USAGE = 2
@@ -151,9 +151,8 @@ def cmd_token_create(args: argparse.Namespace, config: Config) -> int:
             raise CliError(f"--expires-in: {exc}") from None
     conn = _open(config)
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        _, secret = create_token(conn, org, scopes, args.name or "", expires_ms)
-        conn.execute("COMMIT")
+        with transaction(conn):
+            _, secret = create_token(conn, org, scopes, args.name or "", expires_ms)
     finally:
         conn.close()
     print(secret)
@@ -181,9 +180,8 @@ def cmd_token_revoke(args: argparse.Namespace, config: Config) -> int:
     """Revoke a token by id; it stops working at once."""
     conn = _open(config)
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        done = revoke_token(conn, args.token_id)
-        conn.execute("COMMIT")
+        with transaction(conn):
+            done = revoke_token(conn, args.token_id)
     finally:
         conn.close()
     if not done:

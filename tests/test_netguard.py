@@ -111,6 +111,9 @@ def test_allowed_ips(address: str) -> None:
         ("https://user@example.com/hook", False, "credentials"),
         ("https://2130706433/hook", False, "not a valid IP address"),
         ("https://127.1/hook", False, "not a valid IP address"),
+        ("https://exa mple.com/hook", False, "not a valid host name"),
+        ("https://a..b/hook", False, "not a valid host name"),
+        ("https://-a.example.com/hook", False, "not a valid host name"),
     ],
 )
 def test_check_url_errors(url: str, allow_http: bool, message: str) -> None:
@@ -122,6 +125,8 @@ def test_check_url_errors(url: str, allow_http: bool, message: str) -> None:
     ("url", "allow_http"),
     [
         ("https://example.com/hook", False),
+        ("https://bücher.example/hook", False),
+        ("https://my_host.example.com.:8443/hook", False),
         ("HTTPS://Example.COM:8443/hook?x=1", False),
         ("http://example.com/hook", True),
         ("https://[2606:4700::1]/hook", False),

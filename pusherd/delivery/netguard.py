@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import re
 import socket
 
 import aiohttp
@@ -139,6 +140,14 @@ def _parse_ip(host: str) -> IPAddress | None:
         return None
 
 
+# LDH labels of 1-63 characters (IDNs arrive punycoded from yarl), at most 253 in all, an
+# optional trailing dot; an underscore is tolerated inside a label as real DNS names carry them.
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}\.?$)(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
+    r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?$"
+)
+
+
 def check_url(url: str, *, allow_http: bool) -> yarl.URL:
     """Parse and check the form of a destination URL; raise DestinationError if unusable."""
     schemes = ("https", "http") if allow_http else ("https",)
@@ -151,9 +160,12 @@ def check_url(url: str, *, allow_http: bool) -> yarl.URL:
         raise DestinationError(f"destination must be {wanted}")
     if parsed.raw_user is not None or parsed.raw_password is not None:
         raise DestinationError("credentials in destination URL are not allowed")
-    if _looks_like_ip_literal(parsed.raw_host) and _parse_ip(parsed.raw_host) is None:
-        # aiohttp refuses legacy numeric forms ("2130706433", "127.1") at connect time anyway.
-        raise DestinationError("destination host is not a valid IP address")
+    if _looks_like_ip_literal(parsed.raw_host):
+        if _parse_ip(parsed.raw_host) is None:
+            # aiohttp refuses legacy numeric forms ("2130706433", "127.1") at connect time.
+            raise DestinationError("destination host is not a valid IP address")
+    elif not _HOSTNAME.match(parsed.raw_host):
+        raise DestinationError("destination host is not a valid host name")
     try:
         port = parsed.port
     except ValueError as exc:

@@ -12,6 +12,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from pusherd.store.db import transaction
 from pusherd.store.deliveries import requeue_finished
 
 
@@ -51,13 +52,8 @@ def replay_deliveries(
     conn: sqlite3.Connection, subscription: str, since_ms: int | None, status: str | None
 ) -> int:
     """Re-queue a subscription's finished deliveries in a transaction of its own."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         count = requeue_finished(conn, subscription, since_ms, status)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return count
 
 
