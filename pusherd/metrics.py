@@ -40,7 +40,7 @@ class Metrics:
         self.queue_depth = Gauge("pusherd_queue_depth", "Pending deliveries.", registry=r)
         self.oldest_pending_age = Gauge(
             "pusherd_oldest_pending_age_seconds",
-            "How long the longest-due pending delivery has been due.",
+            "Age of the oldest delivery not yet delivered or failed.",
             registry=r,
         )
         self.in_flight = Gauge(

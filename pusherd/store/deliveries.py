@@ -473,9 +473,12 @@ class DeliveryStore:
         )
 
     async def queue_stats(self) -> QueueStats:
-        """Pending deliveries and the age of the oldest due one."""
+        """Pending deliveries and the age of the oldest one (waiting for a retry counts too)."""
+        # Ids grow with creation: the smallest pending id is the oldest; both come from the
+        # pending index alone.
         rows = await self.db.read(
-            "SELECT count(*), min(due_ms) FROM deliveries WHERE status = 'pending'"
+            "SELECT n, (SELECT created_ms FROM deliveries WHERE id = first) FROM"
+            " (SELECT count(*) AS n, min(id) AS first FROM deliveries WHERE status = 'pending')"
         )
         count, oldest = rows[0]
         age = 0.0 if oldest is None else max(0.0, (now_ms() - int(oldest)) / 1000)
