@@ -65,8 +65,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-async def run_cli_async(*args: str) -> tuple[int, str, str]:
-    """Run `python -m pusherd ARGS` without blocking the event loop."""
+async def run_cli_async(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run `python -m pusherd ARGS` (ENV added to cli_env) without blocking the event loop."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -74,7 +74,7 @@ async def run_cli_async(*args: str) -> tuple[int, str, str]:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=cli_env(),
+        env=cli_env(**(env or {})),
     )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode is not None

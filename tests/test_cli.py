@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import sys
 import time
 import tomllib
 import uuid
@@ -16,28 +14,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Harness, make_config
+from tests.service import run_cli_async
 
 HarnessFactory = Callable[..., Awaitable[Harness]]
 BASE = "/organizations/self/subscriptions"
 HEADER = "id\torganization\tscopes\tname\texpires\tstatus"
 ORG = "5a0b9c1e-1d2f-4a3b-8c4d-333333333333"
-
-
-async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """Run `python -m pusherd ARGS`; return (exit code, stdout, stderr)."""
-    base = {k: v for k, v in os.environ.items() if k != "PUSHERD_CONFIG"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "pusherd",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**base, **(env or {})},
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 @pytest.fixture
@@ -49,7 +31,7 @@ def config_file(tmp_path: Path) -> Path:
 
 
 async def create(config_file: Path, *extra: str, org: str = ORG) -> str:
-    code, out, err = await cli(
+    code, out, err = await run_cli_async(
         "token", "create", "--config", str(config_file), "--org", org, *extra
     )
     assert code == 0, err
@@ -73,7 +55,7 @@ async def test_token_create_prints_only_the_token(tmp_path: Path, config_file: P
 
 
 async def test_token_create_org_new_prints_the_uuid_on_stderr(config_file: Path) -> None:
-    code, out, err = await cli(
+    code, out, err = await run_cli_async(
         "token", "create", "--config", str(config_file), "--org", "new", "--scope", "READ:PRODUCT"
     )
     assert code == 0, err
@@ -83,7 +65,7 @@ async def test_token_create_org_new_prints_the_uuid_on_stderr(config_file: Path)
     org = uuids[0]
     assert str(uuid.UUID(org)) == org
     assert org not in out
-    _, listed, _ = await cli("token", "list", "--config", str(config_file))
+    _, listed, _ = await run_cli_async("token", "list", "--config", str(config_file))
     assert [r[1] for r in rows(listed)] == [org]
 
 
@@ -130,7 +112,7 @@ async def test_token_list_and_revoke_against_a_running_app(
         await create(config_file, "--scope", "READ:FINANCE,READ:PURCHASE", "--expires-in", "30d")
     ).strip()
 
-    code, out, err = await cli("token", "list", "--config", str(config_file))
+    code, out, err = await run_cli_async("token", "list", "--config", str(config_file))
     assert code == 0, err
     assert first not in out and second not in out
     listed = rows(out)
@@ -150,7 +132,7 @@ async def test_token_list_and_revoke_against_a_running_app(
     assert shop[0] != other[0]
 
     assert (await h.api.get(BASE, headers=h.auth(first))).status == 200
-    code, out, err = await cli("token", "revoke", "--config", str(config_file), shop[0])
+    code, out, err = await run_cli_async("token", "revoke", "--config", str(config_file), shop[0])
     assert code == 0, err
     assert first not in out + err
     resp = await h.api.get(BASE, headers=h.auth(first))
@@ -158,20 +140,20 @@ async def test_token_list_and_revoke_against_a_running_app(
     assert (await resp.json())["status"] == "error"
     assert (await h.api.get(BASE, headers=h.auth(second))).status == 200
 
-    _, out, _ = await cli("token", "list", "--config", str(config_file))
+    _, out, _ = await run_cli_async("token", "list", "--config", str(config_file))
     status = {r[0]: r[5] for r in rows(out)}
     assert status == {shop[0]: "revoked", other[0]: "active"}
 
-    code, _, err = await cli("token", "revoke", "--config", str(config_file), shop[0])
+    code, _, err = await run_cli_async("token", "revoke", "--config", str(config_file), shop[0])
     assert code != 0
     assert err.strip()
-    code, _, err = await cli("token", "revoke", "--config", str(config_file), "tok_nope")
+    code, _, err = await run_cli_async("token", "revoke", "--config", str(config_file), "tok_nope")
     assert code != 0
     assert "tok_nope" in err
 
 
 async def test_token_list_of_an_empty_database_prints_the_header(config_file: Path) -> None:
-    code, out, err = await cli("token", "list", "--config", str(config_file))
+    code, out, err = await run_cli_async("token", "list", "--config", str(config_file))
     assert code == 0, err
     assert out == HEADER + "\n"
 
@@ -181,7 +163,7 @@ async def test_expired_token_shows_expired(config_file: Path) -> None:
     await create(config_file, "--scope", "READ:PRODUCT", "--expires-in", "500ms")
     deadline = time.monotonic() + 10
     while True:
-        _, out, _ = await cli("token", "list", "--config", str(config_file))
+        _, out, _ = await run_cli_async("token", "list", "--config", str(config_file))
         if rows(out)[0][5] == "expired":
             break
         assert time.monotonic() < deadline
@@ -199,11 +181,11 @@ async def test_expired_token_shows_expired(config_file: Path) -> None:
 async def test_token_create_refuses_bad_arguments(
     config_file: Path, args: tuple[str, ...], word: str
 ) -> None:
-    code, out, err = await cli("token", "create", "--config", str(config_file), *args)
+    code, out, err = await run_cli_async("token", "create", "--config", str(config_file), *args)
     assert code != 0
     assert out == ""
     assert word in err
-    _, listed, _ = await cli("token", "list", "--config", str(config_file))
+    _, listed, _ = await run_cli_async("token", "list", "--config", str(config_file))
     assert rows(listed) == []
 
 
@@ -222,7 +204,9 @@ HELP_COMMANDS: list[tuple[str, ...]] = [
 
 
 async def test_every_command_has_help() -> None:
-    results = await asyncio.gather(*(cli(*command, "--help") for command in HELP_COMMANDS))
+    results = await asyncio.gather(
+        *(run_cli_async(*command, "--help") for command in HELP_COMMANDS)
+    )
     for command, (code, out, err) in zip(HELP_COMMANDS, results, strict=True):
         assert code == 0, (command, err)
         assert out.startswith("usage: pusherd"), command
@@ -238,7 +222,7 @@ async def test_check_config_masks_secrets(tmp_path: Path) -> None:
         '[delivery]\ntimeout = "500ms"\n'
         '[[events]]\nname = "transaction.created"\nscope = "READ:FINANCE"\n'
     )
-    code, out, err = await cli("check-config", "--config", str(path))
+    code, out, err = await run_cli_async("check-config", "--config", str(path))
     assert code == 0, err
     assert "ingest-secret-value" not in out + err
     assert "smtp-secret-value" not in out + err
@@ -252,7 +236,7 @@ async def test_check_config_masks_secrets(tmp_path: Path) -> None:
 
 
 async def test_check_config_defaults_and_empty_secrets(tmp_path: Path) -> None:
-    code, out, err = await cli("check-config")
+    code, out, err = await run_cli_async("check-config")
     assert code == 0, err
     printed = tomllib.loads(out)
     assert printed["ingest"]["token"] == ""
@@ -263,7 +247,7 @@ async def test_check_config_defaults_and_empty_secrets(tmp_path: Path) -> None:
 async def test_check_config_bad_file_exits_2(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text("[log]\nlevel = 'chatty'\n")
-    code, out, err = await cli("check-config", "--config", str(path))
+    code, out, err = await run_cli_async("check-config", "--config", str(path))
     assert code == 2
     assert out == ""
     assert "log.level" in err
@@ -272,6 +256,6 @@ async def test_check_config_bad_file_exits_2(tmp_path: Path) -> None:
 
 async def test_token_names_cannot_break_the_list_format(config_file: Path) -> None:
     await create(config_file, "--scope", "READ:PRODUCT", "--name", "two\twords\nand a line")
-    _, out, _ = await cli("token", "list", "--config", str(config_file))
+    _, out, _ = await run_cli_async("token", "list", "--config", str(config_file))
     (row,) = rows(out)
     assert row[3] == "two words and a line"

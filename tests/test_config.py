@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,6 +21,7 @@ from pusherd.config import (
     parse_size,
 )
 from tests.conftest import Harness, make_config
+from tests.service import run_cli_async
 
 HarnessFactory = Callable[..., Awaitable[Harness]]
 
@@ -213,27 +212,10 @@ def test_pusherd_config_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert load_config(other).api.listen == "127.0.0.1:7777"
 
 
-async def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    import os
-
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "pusherd",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 async def test_serve_with_a_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[delivery]\ntimeout = "soon"\n')
-    code, out, err = await _run("serve", "--config", str(bad))
+    code, out, err = await run_cli_async("serve", "--config", str(bad))
     assert code == 2
     assert out == ""
     lines = err.strip().splitlines()
@@ -244,7 +226,7 @@ async def test_serve_with_a_bad_config_exits_2_naming_the_key(tmp_path: Path) ->
 async def test_serve_with_an_unknown_key_from_the_env_var_exits_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[ratelimit]\nper_second = 5\n")
-    code, _, err = await _run("serve", env={ENV_CONFIG: str(bad)})
+    code, _, err = await run_cli_async("serve", env={ENV_CONFIG: str(bad)})
     assert code == 2
     assert len(err.strip().splitlines()) == 1, err
     assert "ratelimit.per_second" in err

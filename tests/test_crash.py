@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
 import sys
 import time
 import uuid
@@ -20,31 +19,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import ORG, Receiver
+from tests.service import free_port, run_cli_async
 
 PRODUCT = "READ:PRODUCT"
-
-
-def free_port() -> int:
-    """A loopback port free right now (bound, then closed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
-async def run_cli(*args: str) -> str:
-    """Run a pusherd CLI command to completion; return its stdout (asserting exit 0)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "pusherd",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
 
 
 @dataclass
@@ -94,9 +71,10 @@ class Daemon:
 
     async def token(self, org: str = ORG, scope: str = PRODUCT) -> str:
         """A token made with the CLI, as an operator would."""
-        out = await run_cli(
+        code, out, err = await run_cli_async(
             "token", "create", "--config", str(self.config_path), "--org", org, "--scope", scope
         )
+        assert code == 0, err
         return out.strip()
 
     async def start(self) -> None:

@@ -20,7 +20,8 @@ from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
 from tests.conftest import ORG, Harness, Receiver
-from tests.test_crash import Daemon, free_port, start_receiver
+from tests.service import free_port
+from tests.test_crash import Daemon, start_receiver
 
 HarnessFactory = Callable[..., Awaitable[Harness]]
 ReceiverFactory = Callable[..., Awaitable[Receiver]]

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import os
 import re
 import sqlite3
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ from pusherd.store.db import (
     migrations,
 )
 from tests.conftest import Harness
+from tests.service import run_cli_async
 
 
 def _schema(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:
@@ -104,33 +102,18 @@ def test_newer_schema_is_refused_and_the_file_unchanged(tmp_path: Path, make: ob
     conn.close()
 
 
-async def _cli(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "pusherd",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={k: v for k, v in os.environ.items() if k != "PUSHERD_CONFIG"},
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 async def test_cli_on_a_newer_database_fails_clearly(tmp_path: Path) -> None:
     path = tmp_path / "newer.sqlite3"
     digest = _newer_db(path)
     config = tmp_path / "c.toml"
     config.write_text(f'[storage]\npath = "{path}"\n')
-    code, out, err = await _cli("token", "list", "--config", str(config))
+    code, out, err = await run_cli_async("token", "list", "--config", str(config))
     assert code != 0
     assert "id\torganization" not in out
     assert "newer" in err
     assert str(latest_version() + 1) in err
     assert "Traceback" not in err
-    code, _, err = await _cli(
+    code, _, err = await run_cli_async(
         "token", "create", "--config", str(config), "--org", "new", "--scope", "READ:PRODUCT"
     )
     assert code != 0
@@ -147,7 +130,7 @@ async def test_serve_on_a_newer_database_exits_non_zero(tmp_path: Path) -> None:
         f'[storage]\npath = "{path}"\n[api]\nlisten = "127.0.0.1:0"\n'
         '[ingest]\nlisten = "127.0.0.1:0"\n'
     )
-    code, _, err = await _cli("serve", "--config", str(config))
+    code, _, err = await run_cli_async("serve", "--config", str(config))
     assert code != 0
     assert "newer" in err
     assert "Traceback" not in err

@@ -14,7 +14,8 @@ import aiohttp
 from aiohttp import web
 
 from tests.conftest import ORG, Receiver
-from tests.test_crash import Daemon, daemons, free_port, start_receiver
+from tests.service import free_port
+from tests.test_crash import Daemon, daemons, start_receiver
 
 __all__ = ["daemons"]  # the fixture, imported for pytest
 
