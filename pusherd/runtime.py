@@ -41,7 +41,6 @@ class Runtime:
         self._dispatcher: Dispatcher | None = None
         self._purger: asyncio.Task[None] | None = None
         self._closing: dict[str, asyncio.Task[None]] = {}
-        self.started_at = time.monotonic()
 
     @property
     def store(self) -> Store:

@@ -165,7 +165,6 @@ class Database:
         self._soon: asyncio.Handle | None = None
         self._later: asyncio.TimerHandle | None = None
         self._in_flight: asyncio.Future[None] | None = None  # a COMMIT on the syncer thread
-        self.commits = 0
 
     async def open(self) -> None:
         """Open, configure and migrate the file; checkpoint the WAL off the event loop."""
@@ -344,7 +343,6 @@ class Database:
                 fut.set_exception(err)
 
     def _settle(self, batch: list[_Write], results: list[tuple[bool, Any]]) -> None:
-        self.commits += 1
         for (_, fut, _), (ok, value) in zip(batch, results, strict=True):
             if fut.done():
                 continue
