@@ -6,12 +6,16 @@ Nothing is stored: this is what the hardware and the HTTP stack allow without an
 from __future__ import annotations
 
 import argparse
-import asyncio
+import sys
 import uuid
+from pathlib import Path
 
 import orjson
 import uvloop
 from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import serve_forever
 
 
 async def post_events(request: web.Request) -> web.Response:
@@ -34,11 +38,7 @@ async def main(port: int) -> None:
     """Serve until killed."""
     app = web.Application(client_max_size=1024**2)
     app.router.add_post("/events", post_events)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
-    print("ready", flush=True)
-    await asyncio.Event().wait()
+    await serve_forever([(app, port)])
 
 
 if __name__ == "__main__":

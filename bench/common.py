@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import uuid
 from typing import Any
 
 import orjson
+from aiohttp import web
 
 EVENT_NAME = "ProductCreated"
 SCOPE = "READ:PRODUCT"
@@ -54,3 +56,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def serve_forever(apps: list[tuple[web.Application, int]]) -> None:
+    """Serve each app on 127.0.0.1:port, print "ready" for the bench, and run until killed."""
+    for app, port in apps:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import orjson
 import uvloop
 from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import serve_forever
 
 
 @dataclass
@@ -103,12 +108,7 @@ async def main(ports: list[int], hang_ports: list[int], control_port: int) -> No
         app.router.add_post("/{tail:.*}", hang)
         runners.append((app, port))
     runners.append((control, control_port))
-    for app, port in runners:
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
-    print("ready", flush=True)
-    await asyncio.Event().wait()
+    await serve_forever(runners)
 
 
 if __name__ == "__main__":
