@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +45,19 @@ async def ingest(daemon: Daemon, count: int) -> list[str]:
         return [r["messageUuid"] for r in await resp.json()]
 
 
-def uuids(receiver: Receiver) -> list[str]:
-    return [e["messageUuid"] for e in receiver.events("ProductCreated")]
-
-
-async def test_sigterm_lets_in_flight_attempts_finish_and_the_rest_goes_after_restart(
-    tmp_path: Path, daemons: list[Daemon]
-) -> None:
-    daemon = Daemon(tmp_path, {"per_destination": "2", "shutdown_grace": '"5s"', "lease": '"30s"'})
+@contextlib.asynccontextmanager
+async def busy_daemon(
+    tmp_path: Path,
+    daemons: list[Daemon],
+    grace: str,
+    answer_after_s: float,
+    count: int,
+) -> AsyncIterator[tuple[Daemon, Receiver, list[str]]]:
+    """A serving daemon (per_destination 2, lease 30s) with `count` events ingested and both its
+    slots held by answers `answer_after_s` away; yields (daemon, receiver, messageUuids)."""
+    daemon = Daemon(
+        tmp_path, {"per_destination": "2", "shutdown_grace": f'"{grace}"', "lease": '"30s"'}
+    )
     daemons.append(daemon)
     daemon.write_config()
     token = await daemon.token()
@@ -63,9 +68,23 @@ async def test_sigterm_lets_in_flight_attempts_finish_and_the_rest_goes_after_re
     try:
         await daemon.subscribe(token, receiver.url)
         await receiver.wait_for(1, "TestMessage")
-        receiver.statuses = [slow(1.0, release), slow(1.0, release)]
-        sent = await ingest(daemon, 6)
-        await receiver.wait_for(2, "ProductCreated")  # both slots busy, answers 1s away
+        receiver.statuses = [slow(answer_after_s, release), slow(answer_after_s, release)]
+        sent = await ingest(daemon, count)
+        await receiver.wait_for(2, "ProductCreated")
+        yield daemon, receiver, sent
+    finally:
+        release.set()
+        await server.close()
+
+
+def uuids(receiver: Receiver) -> list[str]:
+    return [e["messageUuid"] for e in receiver.events("ProductCreated")]
+
+
+async def test_sigterm_lets_in_flight_attempts_finish_and_the_rest_goes_after_restart(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    async with busy_daemon(tmp_path, daemons, "5s", 1.0, 6) as (daemon, receiver, sent):
         in_flight = uuids(receiver)
 
         started = time.monotonic()
@@ -82,28 +101,12 @@ async def test_sigterm_lets_in_flight_attempts_finish_and_the_rest_goes_after_re
         assert sorted(got) == sorted(sent)  # the two finished attempts were not sent again
         daemon.signal(signal.SIGTERM)
         assert await daemon.wait() == 0
-    finally:
-        release.set()
-        await server.close()
 
 
 async def test_attempts_longer_than_the_grace_are_cut_and_sent_again_after_restart(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
-    daemon = Daemon(tmp_path, {"per_destination": "2", "shutdown_grace": '"1s"', "lease": '"30s"'})
-    daemons.append(daemon)
-    daemon.write_config()
-    token = await daemon.token()
-    await daemon.start()
-    receiver = Receiver()
-    server = await start_receiver(free_port(), receiver)
-    release = asyncio.Event()
-    try:
-        await daemon.subscribe(token, receiver.url)
-        await receiver.wait_for(1, "TestMessage")
-        receiver.statuses = [slow(20.0, release), slow(20.0, release)]
-        sent = await ingest(daemon, 4)
-        await receiver.wait_for(2, "ProductCreated")
+    async with busy_daemon(tmp_path, daemons, "1s", 20.0, 4) as (daemon, receiver, sent):
         cut = uuids(receiver)
 
         started = time.monotonic()
@@ -119,6 +122,3 @@ async def test_attempts_longer_than_the_grace_are_cut_and_sent_again_after_resta
         assert all(got.count(u) == 2 for u in cut)
         daemon.signal(signal.SIGTERM)
         assert await daemon.wait() == 0
-    finally:
-        release.set()
-        await server.close()
