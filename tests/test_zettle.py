@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientResponse, web
 
 from pusherd.config import EventType
 from tests.conftest import ALL_SCOPES, ORG, OTHER_ORG, Harness, Receiver, make_config
@@ -52,6 +52,22 @@ async def quiet(factory: HarnessFactory, **sections: dict[str, Any]) -> Harness:
     h = await factory(**sections)
     await h.runtime.dispatcher.stop(0)
     return h
+
+
+async def guarded(
+    factory: HarnessFactory, allow_http: bool = False, allow_private: bool = False
+) -> tuple[Harness, str]:
+    """A quiet harness with the destination checks of a production config, and a token."""
+    h = await quiet(
+        factory,
+        delivery={"allow_http": allow_http, "allow_private_destinations": allow_private},
+    )
+    return h, h.token()
+
+
+async def create_to(h: Harness, token: str, destination: str) -> ClientResponse:
+    """POST a valid subscription to `destination`."""
+    return await h.api.post(BASE, json=body(destination=destination), headers=h.auth(token))
 
 
 @pytest.fixture
@@ -240,10 +256,7 @@ async def test_uuid_of_a_deleted_subscription_stays_taken(harness: Harness) -> N
 async def test_create_422(
     harness_factory: HarnessFactory, overrides: dict[str, Any], word: str
 ) -> None:
-    h = await quiet(
-        harness_factory, delivery={"allow_http": False, "allow_private_destinations": False}
-    )
-    token = h.token()
+    h, token = await guarded(harness_factory)
     sent = body()
     for key, value in overrides.items():
         if value is None:
@@ -270,18 +283,11 @@ async def test_contact_email_of_exactly_512_chars_is_accepted(harness: Harness) 
 async def test_http_destination_allowed_only_with_allow_http(
     harness_factory: HarnessFactory,
 ) -> None:
-    h = await quiet(
-        harness_factory, delivery={"allow_http": True, "allow_private_destinations": False}
-    )
-    token = h.token()
-    resp = await h.api.post(
-        BASE, json=body(destination="http://93.184.216.34/hook"), headers=h.auth(token)
-    )
+    h, token = await guarded(harness_factory, allow_http=True)
+    resp = await create_to(h, token, "http://93.184.216.34/hook")
     assert resp.status == 200, await resp.text()
     # allow_http does not open private networks
-    resp = await h.api.post(
-        BASE, json=body(destination="http://127.0.0.1:9/hook"), headers=h.auth(token)
-    )
+    resp = await create_to(h, token, "http://127.0.0.1:9/hook")
     await error(resp, 422)
 
 
@@ -307,24 +313,16 @@ async def test_http_destination_allowed_only_with_allow_http(
 async def test_private_destination_refused(
     harness_factory: HarnessFactory, destination: str
 ) -> None:
-    h = await quiet(
-        harness_factory, delivery={"allow_http": False, "allow_private_destinations": False}
-    )
-    token = h.token()
-    resp = await h.api.post(BASE, json=body(destination=destination), headers=h.auth(token))
+    h, token = await guarded(harness_factory)
+    resp = await create_to(h, token, destination)
     await error(resp, 422)
 
 
 async def test_private_destination_allowed_with_allow_private(
     harness_factory: HarnessFactory,
 ) -> None:
-    h = await quiet(
-        harness_factory, delivery={"allow_http": False, "allow_private_destinations": True}
-    )
-    token = h.token()
-    resp = await h.api.post(
-        BASE, json=body(destination="https://127.0.0.1/hook"), headers=h.auth(token)
-    )
+    h, token = await guarded(harness_factory, allow_private=True)
+    resp = await create_to(h, token, "https://127.0.0.1/hook")
     assert resp.status == 200, await resp.text()
 
 
@@ -579,10 +577,7 @@ async def test_update_body_not_an_object_or_malformed_is_400(harness: Harness) -
     ],
 )
 async def test_update_422(harness_factory: HarnessFactory, change: dict[str, Any]) -> None:
-    h = await quiet(
-        harness_factory, delivery={"allow_http": False, "allow_private_destinations": False}
-    )
-    token = h.token()
+    h, token = await guarded(harness_factory)
     sub = await h.subscribe(token, PUBLIC, ["ProductCreated"])
     resp = await h.api.put(f"{BASE}/{sub['uuid']}", json=change, headers=h.auth(token))
     await error(resp, 422)
