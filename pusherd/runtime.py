@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-import aiohttp
 import structlog
 
 from pusherd.catalogue import Catalogue
 from pusherd.config import Config
 from pusherd.delivery.dispatcher import Dispatcher
-from pusherd.delivery.sender import Sender, make_session
+from pusherd.delivery.http import HttpClient
+from pusherd.delivery.sender import Sender
 from pusherd.metrics import Metrics
 from pusherd.notify import Notifier
 from pusherd.ratelimit import RateLimiter
@@ -37,7 +37,7 @@ class Runtime:
         self.ratelimiter = RateLimiter(config.ratelimit)
         self.notifier = Notifier(config.smtp)
         self._store: SqliteStore | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._client: HttpClient | None = None
         self._dispatcher: Dispatcher | None = None
         self._purger: asyncio.Task[None] | None = None
         self._closing: dict[str, asyncio.Task[None]] = {}
@@ -59,8 +59,8 @@ class Runtime:
         cfg = self.config
         self._store = await open_store(cfg.storage.path)
         d = cfg.delivery
-        self._session = make_session(d.max_in_flight, d.allow_private_destinations)
-        sender = Sender(self._session, d.timeout, d.allow_private_destinations)
+        self._client = HttpClient(d.allow_private_destinations, max_idle=d.max_in_flight)
+        sender = Sender(self._client, d.timeout)
         self._dispatcher = Dispatcher(d, self._store, sender, self.metrics, self.status_changed)
         if dispatch:
             self._dispatcher.start()
@@ -108,8 +108,8 @@ class Runtime:
         if self._dispatcher is not None:
             await self._dispatcher.stop(self.config.delivery.shutdown_grace)
         await self.notifier.drain()
-        if self._session is not None:
-            await self._session.close()
+        if self._client is not None:
+            await self._client.close()
         if self._store is not None:
             await self._store.close()
             self._store = None

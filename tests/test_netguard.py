@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.abc import ResolveResult
 from aiohttp.test_utils import TestServer
 
+from pusherd.delivery.http import HttpClient, target
 from pusherd.delivery.netguard import (
     DestinationError,
     GuardedResolver,
@@ -259,35 +260,33 @@ async def loopback_server() -> AsyncIterator[TestServer]:
     await server.close()
 
 
-async def test_session_with_guarded_resolver_raises_client_error(
+async def test_client_refuses_a_name_that_resolves_to_loopback(
     loopback_server: TestServer,
 ) -> None:
-    connector = aiohttp.TCPConnector(resolver=GuardedResolver(allow_private=False))
-    async with aiohttp.ClientSession(connector=connector) as session:
-        with pytest.raises(aiohttp.ClientConnectorError, match="blocked addresses") as info:
-            await session.post(f"http://localhost:{loopback_server.port}/hook", data=b"{}")
-    assert isinstance(info.value, aiohttp.ClientConnectorDNSError)
+    client = HttpClient(allow_private=False, max_idle=1)
+    try:
+        with pytest.raises(OSError, match="blocked addresses"):
+            await client.connect(target(f"http://localhost:{loopback_server.port}/hook", "t"))
+    finally:
+        await client.close()
 
 
-async def test_session_with_guarded_resolver_allow_private(loopback_server: TestServer) -> None:
-    connector = aiohttp.TCPConnector(
-        resolver=GuardedResolver(allow_private=True), family=socket.AF_INET
-    )
-    async with (
-        aiohttp.ClientSession(connector=connector) as session,
-        session.post(f"http://localhost:{loopback_server.port}/hook", data=b"{}") as resp,
-    ):
-        assert resp.status == 200
+async def test_client_allow_private_connects_by_name(loopback_server: TestServer) -> None:
+    client = HttpClient(allow_private=True, max_idle=1)
+    try:
+        conn = await client.connect(target(f"http://localhost:{loopback_server.port}/hook", "t"))
+        conn.close()
+    finally:
+        await client.close()
 
 
-async def test_aiohttp_skips_resolver_for_ip_literals(loopback_server: TestServer) -> None:
-    # This is why check_connect_host exists: the resolver never sees IP literals.
-    connector = aiohttp.TCPConnector(resolver=GuardedResolver(allow_private=False))
-    url = f"http://127.0.0.1:{loopback_server.port}/hook"
-    async with (
-        aiohttp.ClientSession(connector=connector) as session,
-        session.post(url, data=b"{}") as resp,
-    ):
-        assert resp.status == 200
-    with pytest.raises(DestinationError):
-        check_connect_host("127.0.0.1", False)
+async def test_client_checks_ip_literals_without_the_resolver(
+    loopback_server: TestServer,
+) -> None:
+    # The resolver never sees an IP literal, so the client checks it before connecting.
+    client = HttpClient(allow_private=False, max_idle=1)
+    try:
+        with pytest.raises(DestinationError, match="blocked address"):
+            await client.connect(target(f"http://127.0.0.1:{loopback_server.port}/hook", "t"))
+    finally:
+        await client.close()

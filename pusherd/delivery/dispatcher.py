@@ -29,7 +29,7 @@ import structlog
 from pusherd.clock import now_ms
 from pusherd.config import DeliveryConfig
 from pusherd.delivery.retry import Outcome, RetryPolicy
-from pusherd.delivery.sender import Sender, origin_of, outcome_label
+from pusherd.delivery.sender import Exchange, Sender, origin_of, outcome_label
 from pusherd.metrics import Metrics
 from pusherd.store.base import Store
 from pusherd.store.db import StoreError
@@ -431,9 +431,9 @@ class Dispatcher:
             return
         now = time.monotonic()
         for origin in self._origins.values():
-            # One request at a time goes on the wire per origin (the next starts once the
-            # previous one's headers are sent), so they reach it in ingest order even while
-            # new connections are being opened; responses are still awaited concurrently.
+            # Requests leave in the order rows wait: on idle connections they are written
+            # at once, one after the other; a request that needs a new connection holds the
+            # origin's next ones until it is written. Answers are awaited concurrently.
             while (
                 origin.waiting
                 and not origin.sending
@@ -464,11 +464,18 @@ class Dispatcher:
         return origin
 
     def _start(self, origin: Origin, d: ClaimedDelivery) -> None:
-        origin.sending += 1
+        # On an idle connection the request is written right here, in the order rows are
+        # started; otherwise the attempt opens a connection first and holds the origin's next
+        # requests back until this one is written.
+        exchange = self.sender.start(d)
+        if exchange is None:
+            origin.sending += 1
         origin.in_flight += 1
         self._in_flight += 1
         origin.in_flight_gauge.set(origin.in_flight)
-        self._tasks[d.id] = asyncio.get_running_loop().create_task(self._attempt(origin, d))
+        self._tasks[d.id] = asyncio.get_running_loop().create_task(
+            self._attempt(origin, d, exchange)
+        )
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a bookkeeping write in the background; stop() waits for it like an attempt."""
@@ -504,9 +511,10 @@ class Dispatcher:
 
     # -- one attempt -----------------------------------------------------------------------
 
-    async def _attempt(self, origin: Origin, d: ClaimedDelivery) -> None:
+    async def _attempt(self, origin: Origin, d: ClaimedDelivery, exchange: Exchange | None) -> None:
         started = now_ms()
-        slot_freed = sent = False
+        slot_freed = False
+        sent = exchange is not None
 
         def on_sent() -> None:
             nonlocal sent
@@ -529,7 +537,7 @@ class Dispatcher:
             self._wake.set()
 
         try:
-            outcome = await self.sender.send(d, on_sent)
+            outcome = await self.sender.finish(d, exchange, on_sent)
             on_sent()
             self._count(origin, outcome)
             if outcome.status_code == 410:

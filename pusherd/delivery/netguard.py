@@ -1,13 +1,12 @@
 """SSRF guard for destinations (SPEC §6 "Network safety").
 
 Destinations are vetted twice: at subscribe time by :func:`vet_destination`, and at connect
-time by :class:`GuardedResolver`, which drops blocked addresses from DNS answers. aiohttp
-connects to exactly the addresses the resolver returned, so the vetted address is the one
-used and a DNS rebind between lookups cannot slip through.
+time by :class:`GuardedResolver`, which drops blocked addresses from DNS answers. The delivery
+client (``pusherd.delivery.http``) connects to exactly the addresses the resolver returned, so the
+vetted address is the one used and a DNS rebind between lookups cannot slip through.
 
-aiohttp never calls the resolver for IP-literal hosts (``TCPConnector._resolve_host``
-short-circuits them), so the resolver alone cannot stop ``https://127.0.0.1/``: the sender
-must call :func:`check_connect_host` on the URL's host before every POST.
+IP-literal hosts are not resolved at all, so the resolver alone cannot stop
+``https://127.0.0.1/``: the client calls :func:`check_connect_host` on them before connecting.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ __all__ = [
     "check_connect_host",
     "check_url",
     "is_blocked_ip",
+    "looks_like_ip_literal",
     "vet_destination",
 ]
 
@@ -160,7 +160,7 @@ def check_url(url: str, *, allow_http: bool) -> yarl.URL:
         raise DestinationError(f"destination must be {wanted}")
     if parsed.raw_user is not None or parsed.raw_password is not None:
         raise DestinationError("credentials in destination URL are not allowed")
-    if _looks_like_ip_literal(parsed.raw_host):
+    if looks_like_ip_literal(parsed.raw_host):
         if _parse_ip(parsed.raw_host) is None:
             # aiohttp refuses legacy numeric forms ("2130706433", "127.1") at connect time.
             raise DestinationError("destination host is not a valid IP address")
@@ -217,14 +217,14 @@ def _is_localhost_name(host: str) -> bool:
     return name == "localhost" or name.endswith(".localhost")
 
 
-def _looks_like_ip_literal(host: str) -> bool:
+def looks_like_ip_literal(host: str) -> bool:
     # Mirrors aiohttp.helpers.is_ip_address: these hosts bypass the resolver entirely.
     return ":" in host or host.replace(".", "").isdigit()
 
 
 def check_connect_host(host: str, allow_private: bool) -> None:
     """Refuse an IP-literal host that is blocked; call before every POST (resolver is skipped)."""
-    if allow_private or not _looks_like_ip_literal(host):
+    if allow_private or not looks_like_ip_literal(host):
         return
     ip = _parse_ip(host)
     # Legacy numeric forms ("2130706433", "127.1") would reach the socket layer unvetted.

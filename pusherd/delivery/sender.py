@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-import socket
+import ssl
 import time
 from collections.abc import Callable
-from types import SimpleNamespace
+from dataclasses import dataclass
 
-import aiohttp
 import orjson
 from yarl import URL
 
 from pusherd import __version__
-from pusherd.delivery.netguard import DestinationError, GuardedResolver, check_connect_host
+from pusherd.delivery.http import (
+    Answer,
+    Connection,
+    ConnectionLostError,
+    HttpClient,
+    ProtocolError,
+    Target,
+    target,
+)
+from pusherd.delivery.netguard import DestinationError
 from pusherd.delivery.retry import Outcome, parse_retry_after
 from pusherd.delivery.signing import signature_headers
 from pusherd.store.models import ClaimedDelivery
 
 USER_AGENT = f"pusherd/{__version__}"
-BODY_KEEP = 1024
 
 
 def envelope(d: ClaimedDelivery) -> bytes:
@@ -49,104 +56,123 @@ def outcome_label(outcome: Outcome) -> str:
     return "timeout" if outcome.error and outcome.error.startswith("timeout") else "network_error"
 
 
-async def _headers_sent(
-    session: aiohttp.ClientSession,
-    ctx: SimpleNamespace,
-    params: aiohttp.TraceRequestHeadersSentParams,
-) -> None:
-    on_sent = ctx.trace_request_ctx
-    if callable(on_sent):
-        on_sent()
+@dataclass(slots=True)
+class Exchange:
+    """A request already written on a pooled connection, waiting for its answer."""
 
-
-def make_session(max_in_flight: int, allow_private: bool) -> aiohttp.ClientSession:
-    """The one ClientSession: connects only to vetted addresses, never follows redirects."""
-    trace = aiohttp.TraceConfig()
-    trace.on_request_headers_sent.append(_headers_sent)
-    connector = aiohttp.TCPConnector(
-        resolver=GuardedResolver(allow_private=allow_private),
-        limit=max_in_flight,
-        limit_per_host=0,
-        ttl_dns_cache=10,
-        family=socket.AF_UNSPEC,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        headers={"User-Agent": USER_AGENT},
-        auto_decompress=True,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        trace_configs=[trace],
-    )
+    target: Target
+    request: bytes
+    conn: Connection
+    answer: asyncio.Future[Answer]
+    started: float  # perf_counter
+    deadline: float  # loop time
 
 
 class Sender:
-    """Sends one signed attempt; never raises for an HTTP or network failure."""
+    """Sends one signed attempt; never raises for an HTTP or network failure.
 
-    def __init__(
-        self, session: aiohttp.ClientSession, timeout_s: float, allow_private: bool
-    ) -> None:
-        self.session = session
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+    `start` writes the request at once when the destination has an idle connection, so the
+    caller decides the order requests leave in; `finish` waits for the answer (opening a
+    connection first when there was none).
+    """
+
+    def __init__(self, client: HttpClient, timeout_s: float) -> None:
+        self.client = client
         self.timeout_s = timeout_s
-        self.allow_private = allow_private
+
+    def request(self, t: Target, d: ClaimedDelivery) -> bytes:
+        """The whole request: fixed head, length and signature headers, envelope."""
+        body = envelope(d)
+        signatures = signature_headers(
+            keys=d.signing_keys,
+            msg_id=d.message_uuid,
+            ts_s=int(time.time()),
+            timestamp=d.timestamp,
+            payload=d.payload,
+            body=body,
+        )
+        lines = "".join(f"{name}: {value}\r\n" for name, value in signatures.items())
+        return b"".join((t.head, f"Content-Length: {len(body)}\r\n{lines}\r\n".encode(), body))
+
+    def start(self, d: ClaimedDelivery) -> Exchange | None:
+        """Write d's request now if its origin has an idle connection, else None."""
+        try:
+            t = target(d.destination, USER_AGENT)
+        except ValueError:
+            return None  # finish() reports it
+        conn = self.client.idle(t)
+        if conn is None:
+            return None
+        started = time.perf_counter()
+        deadline = conn.loop.time() + self.timeout_s
+        request = self.request(t, d)
+        return Exchange(t, request, conn, conn.send(request, deadline), started, deadline)
 
     async def send(self, d: ClaimedDelivery, on_sent: Callable[[], None] | None = None) -> Outcome:
-        """POST the delivery once and return its Outcome; on_sent fires once the request is out."""
-        body = envelope(d)
-        headers = {
-            "Content-Type": "application/json",
-            **signature_headers(
-                keys=d.signing_keys,
-                msg_id=d.message_uuid,
-                ts_s=int(time.time()),
-                timestamp=d.timestamp,
-                payload=d.payload,
-                body=body,
-            ),
-        }
-        start = time.perf_counter()
+        """POST the delivery once and return its Outcome."""
+        return await self.finish(d, self.start(d), on_sent)
+
+    async def finish(
+        self, d: ClaimedDelivery, ex: Exchange | None, on_sent: Callable[[], None] | None = None
+    ) -> Outcome:
+        """Wait for the answer of a started exchange, or run the whole attempt when ex is None;
+        on_sent fires once the request is written."""
+        loop = asyncio.get_running_loop()
+        started = ex.started if ex else time.perf_counter()
+        deadline = ex.deadline if ex else loop.time() + self.timeout_s
+        conn = ex.conn if ex else None
         try:
-            check_connect_host(URL(d.destination).raw_host or "", self.allow_private)
-            async with self.session.post(
-                d.destination,
-                data=body,
-                headers=headers,
-                allow_redirects=False,
-                timeout=self.timeout,
-                trace_request_ctx=on_sent,
-            ) as resp:
-                raw = b""
-                while len(raw) < BODY_KEEP:  # read() returns what is buffered: loop for 1 KiB
-                    chunk = await resp.content.read(BODY_KEEP - len(raw))
-                    if not chunk:
-                        break
-                    raw += chunk
-                if not resp.content.at_eof():
-                    resp.close()  # a large answer is not worth reading to keep the connection
-                retry_after = None
-                if resp.status in (429, 503):
-                    retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
-                return Outcome(
-                    status_code=resp.status,
-                    error=None,
-                    duration_ms=(time.perf_counter() - start) * 1000,
-                    body=raw.decode("utf-8", errors="replace"),
-                    retry_after_s=retry_after,
-                )
+            if ex is None:
+                t = target(d.destination, USER_AGENT)
+                conn = current = await self._open(t, deadline)
+                request = self.request(t, d)
+                waiter = current.send(request, deadline)
+            else:
+                t, request, waiter, current = ex.target, ex.request, ex.answer, ex.conn
+            if on_sent is not None:
+                on_sent()
+            try:
+                answer = await waiter
+            except ConnectionLostError as exc:
+                if not (current.reused and exc.before_answer and loop.time() < deadline):
+                    raise
+                # The receiver closed the idle keep-alive connection as the request went into
+                # it, so it never saw the request: send it once more on a new connection.
+                conn = current = await self._open(t, deadline)
+                answer = await current.send(request, deadline)
+            self.client.release(current)
+            retry_after = None
+            if answer.status in (429, 503):
+                retry_after = parse_retry_after(answer.retry_after, time.time())
+            return Outcome(
+                status_code=answer.status,
+                error=None,
+                duration_ms=(time.perf_counter() - started) * 1000,
+                body=answer.body.decode("utf-8", errors="replace"),
+                retry_after_s=retry_after,
+            )
+        except asyncio.CancelledError:
+            if conn is not None:
+                conn.abandon()
+            raise
         except TimeoutError:
             error = f"timeout after {self.timeout_s:g}s"
-        except DestinationError as exc:
+        except (DestinationError, ProtocolError, ConnectionLostError) as exc:
             error = str(exc)
-        except aiohttp.ClientError as exc:
-            error = f"{type(exc).__name__}: {exc}"[:500]
+        except ssl.SSLError as exc:
+            error = f"TLS error: {exc}"[:500]
         except (OSError, ValueError) as exc:
             error = f"{type(exc).__name__}: {exc}"[:500]
-        except asyncio.CancelledError:
-            raise
+        if conn is not None:
+            conn.close()
         return Outcome(
             status_code=None,
             error=error,
-            duration_ms=(time.perf_counter() - start) * 1000,
+            duration_ms=(time.perf_counter() - started) * 1000,
             body="",
             retry_after_s=None,
         )
+
+    async def _open(self, t: Target, deadline: float) -> Connection:
+        async with asyncio.timeout_at(deadline):
+            return await self.client.connect(t)

@@ -1,0 +1,318 @@
+"""The delivery HTTP client against raw loopback servers that answer exactly as scripted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from pusherd.delivery import http
+from pusherd.delivery.http import HttpClient
+from pusherd.delivery.sender import Sender
+from pusherd.store.models import ClaimedDelivery
+
+Handler = Callable[["RawServer", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class RawServer:
+    """Counts connections and requests; each connection is served by a scripted handler."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.requests: list[tuple[bytes, bytes]] = []  # (head, body)
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.handler(self, reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+        body = await reader.readexactly(int(length.group(1)) if length else 0)
+        self.requests.append((head, body))
+        return head
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[Callable[[Handler], Awaitable[RawServer]]]:
+    servers: list[RawServer] = []
+
+    async def make(handler: Handler) -> RawServer:
+        s = RawServer(handler)
+        await s.start()
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        assert s.server is not None
+        s.server.close()
+
+
+@pytest.fixture
+async def sender() -> AsyncIterator[Sender]:
+    client = HttpClient(allow_private=True, max_idle=16)
+    yield Sender(client, timeout_s=2.0)
+    await client.close()
+
+
+def delivery(url: str, i: int = 0) -> ClaimedDelivery:
+    return ClaimedDelivery(
+        id=i,
+        subscription="sub",
+        attempts=0,
+        schedule_pos=0,
+        organization="11111111-1111-4111-8111-111111111111",
+        message_uuid=f"00000000-0000-1000-8000-{i:012d}",
+        event_name="ProductCreated",
+        message_id=f"m{i}",
+        payload='{"n": 1}',
+        timestamp="2026-11-22T14:30:00.123Z",
+        destination=url,
+        signing_keys=("k" * 32,),
+    )
+
+
+def answering(*answers: bytes) -> Handler:
+    """Serve requests on a connection with these raw answers in turn, then keep serving OK."""
+
+    async def handle(
+        srv: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        i = 0
+        while True:
+            await srv.read_request(reader)
+            writer.write(answers[i] if i < len(answers) else OK)
+            await writer.drain()
+            i += 1
+
+    return handle
+
+
+async def test_request_line_headers_and_body_are_what_the_receiver_parses(
+    raw: Callable[[Handler], Awaitable[RawServer]], sender: Sender
+) -> None:
+    server = await raw(answering())
+    outcome = await sender.send(delivery(server.url("/in/hook?tenant=a%20b&x=1")))
+    assert outcome.status_code == 200 and outcome.body == "ok" and outcome.error is None
+    head, body = server.requests[0]
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "POST /in/hook?tenant=a%20b&x=1 HTTP/1.1"
+    headers = {k.lower(): v for k, _, v in (line.partition(": ") for line in lines[1:] if line)}
+    assert headers["host"] == f"127.0.0.1:{server.port}"
+    assert headers["content-type"] == "application/json"
+    assert headers["user-agent"].startswith("pusherd/")
+    assert int(headers["content-length"]) == len(body)
+    assert headers["webhook-id"] == "00000000-0000-1000-8000-000000000000"
+    assert json.loads(body)["payload"] == '{"n": 1}'
+
+
+async def test_keep_alive_connection_is_reused(
+    raw: Callable[[Handler], Awaitable[RawServer]], sender: Sender
+) -> None:
+    server = await raw(answering())
+    for i in range(5):
+        outcome = await sender.send(delivery(server.url(), i))
+        assert outcome.status_code == 200
+    assert len(server.requests) == 5
+    assert server.connections == 1
+
+
+async def test_connection_close_answer_is_not_reused(
+    raw: Callable[[Handler], Awaitable[RawServer]], sender: Sender
+) -> None:
+    closing = b"HTTP/1.1 202 Accepted\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+    async def once(
+        srv: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await srv.read_request(reader)
+        writer.write(closing)
+        await writer.drain()
+        await reader.read()  # wait for the client to close
+
+    server = await raw(once)
+    for i in range(3):
+        assert (await sender.send(delivery(server.url(), i))).status_code == 202
+    assert server.connections == 3
+
+
+async def test_idle_connection_closed_by_the_receiver_is_retried_once_on_a_new_one(
+    raw: Callable[[Handler], Awaitable[RawServer]], sender: Sender
+) -> None:
+    # The keep-alive race: the receiver answers, keeps the connection, and closes it when the
+    # next request arrives, without reading it (as a server whose idle timeout just fired).
+    async def one_per_connection(
+        srv: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await srv.read_request(reader)
+        writer.write(OK)
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")  # the next request: drop the connection
+
+    server = await raw(one_per_connection)
+    first = await sender.send(delivery(server.url(), 1))
+    second = await sender.send(delivery(server.url(), 2))
+    assert first.status_code == 200 and second.status_code == 200
+    assert [json.loads(b)["messageId"] for _, b in server.requests] == ["m1", "m2"]
+    assert server.connections == 2
+
+
+async def test_fresh_connection_closed_without_an_answer_is_a_failed_attempt(
+    raw: Callable[[Handler], Awaitable[RawServer]], sender: Sender
+) -> None:
+    async def hang_up(
+        srv: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await srv.read_request(reader)
+
+    server = await raw(hang_up)
+    outcome = await sender.send(delivery(server.url()))
+    assert outcome.status_code is None
+    assert outcome.error == "connection closed before the answer"
+    assert len(server.requests) == 1  # not sent again: it may have been processed
+
+
+async def test_large_answer_keeps_one_kib_and_drops_the_connection(
+    raw: Callable[[Handler], Awaitable[RawServer]], sender: Sender
+) -> None:
+    big = b"x" * 4_000_000  # arrives in several reads: the rest is not waited for
+    answer = b"HTTP/1.1 500 Oops\r\nContent-Length: %d\r\n\r\n%s" % (len(big), big)
+    server = await raw(answering(answer, answer))
+    for i in range(2):
+        outcome = await sender.send(delivery(server.url(), i))
+        assert outcome.status_code == 500 and outcome.body == "x" * http.BODY_KEEP
+    assert server.connections == 2
+
+
+async def test_chunked_answer_and_informational_answer(
+    raw: Callable[[Handler], Awaitable[RawServer]], sender: Sender
+) -> None:
+    chunked = (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n"
+    )
+    server = await raw(answering(chunked))
+    outcome = await sender.send(delivery(server.url(), 1))
+    assert outcome.status_code == 201 and outcome.body == "abcdefg"
+    assert (await sender.send(delivery(server.url(), 2))).status_code == 200
+    assert server.connections == 1
+
+
+async def test_answer_without_length_ends_with_the_connection(
+    raw: Callable[[Handler], Awaitable[RawServer]], sender: Sender
+) -> None:
+    async def until_close(
+        srv: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await srv.read_request(reader)
+        writer.write(b"HTTP/1.1 503 Busy\r\nRetry-After: 7\r\n\r\ncome back later")
+        await writer.drain()
+
+    server = await raw(until_close)
+    outcome = await sender.send(delivery(server.url()))
+    assert outcome.status_code == 503 and outcome.body == "come back later"
+    assert outcome.retry_after_s == 7
+
+
+async def test_garbage_answer_is_a_failed_attempt(
+    raw: Callable[[Handler], Awaitable[RawServer]], sender: Sender
+) -> None:
+    server = await raw(answering(b"SSH-2.0-OpenSSH_9.2\r\n\r\n"))
+    outcome = await sender.send(delivery(server.url()))
+    assert outcome.status_code is None
+    assert outcome.error is not None and outcome.error.startswith("invalid HTTP answer")
+
+
+async def test_silent_receiver_times_out_and_its_connection_is_dropped(
+    raw: Callable[[Handler], Awaitable[RawServer]],
+) -> None:
+    async def silent(
+        srv: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await srv.read_request(reader)
+        await reader.read()  # until the client gives up
+
+    server = await raw(silent)
+    client = HttpClient(allow_private=True, max_idle=4)
+    try:
+        outcome = await Sender(client, timeout_s=0.3).send(delivery(server.url()))
+        assert outcome.error == "timeout after 0.3s" and 250 < outcome.duration_ms < 2000
+        assert client.idle(http.target(server.url(), "t")) is None
+    finally:
+        await client.close()
+
+
+async def test_connect_refused_and_blocked_literal_are_failed_attempts(
+    raw: Callable[[Handler], Awaitable[RawServer]],
+) -> None:
+    server = await raw(answering())
+    port = server.port
+    assert server.server is not None
+    server.server.close()
+    await server.server.wait_closed()
+    open_client = HttpClient(allow_private=True, max_idle=4)
+    guarded = HttpClient(allow_private=False, max_idle=4)
+    try:
+        refused = await Sender(open_client, 1.0).send(delivery(f"http://127.0.0.1:{port}/"))
+        assert refused.status_code is None and "ConnectionRefusedError" in (refused.error or "")
+        blocked = await Sender(guarded, 1.0).send(delivery(f"http://127.0.0.1:{port}/"))
+        assert blocked.status_code is None and "blocked address" in (blocked.error or "")
+        named = await Sender(guarded, 1.0).send(delivery(f"http://localhost:{port}/"))
+        assert named.status_code is None and "blocked addresses" in (named.error or "")
+    finally:
+        await open_client.close()
+        await guarded.close()
+
+
+async def test_stale_idle_connection_is_not_reused(
+    raw: Callable[[Handler], Awaitable[RawServer]],
+    sender: Sender,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = await raw(answering())
+    await sender.send(delivery(server.url(), 1))
+    monkeypatch.setattr(http, "KEEPALIVE_S", 0.0)
+    await sender.send(delivery(server.url(), 2))
+    assert server.connections == 2
+
+
+async def test_cancelled_attempt_drops_its_connection(
+    raw: Callable[[Handler], Awaitable[RawServer]], sender: Sender
+) -> None:
+    arrived = asyncio.Event()
+
+    async def slow(
+        srv: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await srv.read_request(reader)
+        arrived.set()
+        await reader.read()  # returns when the client closes the connection
+
+    server = await raw(slow)
+    task = asyncio.ensure_future(sender.send(delivery(server.url())))
+    await asyncio.wait_for(arrived.wait(), 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert sender.client.idle(http.target(server.url(), "t")) is None
