@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+import trustme
 
 from pusherd.delivery import http
 from pusherd.delivery.http import HttpClient
@@ -316,3 +318,53 @@ async def test_cancelled_attempt_drops_its_connection(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert sender.client.idle(http.target(server.url(), "t")) is None
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+async def tls_server(ca: trustme.CA, name: str) -> tuple[asyncio.Server, int]:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(name).configure_cert(ctx)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+                writer.write(OK)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_https_verifies_the_certificate_and_the_host_name(ca: trustme.CA) -> None:
+    server, port = await tls_server(ca, "localhost")
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    clients = [
+        HttpClient(allow_private=True, max_idle=4, tls=trusting),
+        HttpClient(allow_private=True, max_idle=4),  # the system store does not know this CA
+    ]
+    try:
+        good = await Sender(clients[0], 2.0).send(delivery(f"https://localhost:{port}/hook"))
+        assert good.status_code == 200 and good.body == "ok"
+        # Right CA, wrong name: 127.0.0.1 is not in the certificate.
+        wrong_name = await Sender(clients[0], 2.0).send(delivery(f"https://127.0.0.1:{port}/"))
+        assert wrong_name.status_code is None
+        assert (wrong_name.error or "").startswith("TLS error")
+        unknown_ca = await Sender(clients[1], 2.0).send(delivery(f"https://localhost:{port}/"))
+        assert unknown_ca.status_code is None
+        assert "CERTIFICATE_VERIFY_FAILED" in (unknown_ca.error or "")
+    finally:
+        for c in clients:
+            await c.close()
+        server.close()

@@ -217,14 +217,16 @@ class Connection(asyncio.Protocol):
 class HttpClient:
     """Connections per origin (scheme, host, port); opens only to vetted addresses."""
 
-    def __init__(self, allow_private: bool, max_idle: int) -> None:
+    def __init__(
+        self, allow_private: bool, max_idle: int, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.allow_private = allow_private
         self.max_idle = max_idle
         self._resolver = GuardedResolver(allow_private=allow_private)
         self._idle: dict[PoolKey, list[Connection]] = {}
         self._idle_count = 0
         self._dns: dict[tuple[str, int], tuple[float, list[tuple[str, int, int]]]] = {}
-        self._tls: ssl.SSLContext | None = None
+        self._tls = tls  # default: the system's trust store, with host name checks
         self._closed = False
 
     def idle(self, t: Target) -> Connection | None:
