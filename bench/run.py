@@ -18,7 +18,8 @@ How each figure is taken (SPEC §7):
   parses the event and answers 202 without storing it.
 - batch_eps: 100-event batches, 8 connections, same setup. batch_baseline_eps: plain sqlite3 (WAL,
   synchronous=FULL, pusherd's schema) inserting the same rows — an events row and a deliveries row
-  per event — in 100-row transactions, one connection.
+  per event, with messageUuids and generated messageIds made by pusherd's own IdSource — in
+  100-row transactions, one connection.
 - deliver_rps: 20,000 deliveries are put in the outbox through ingest while the receiver process is
   stopped (SIGSTOP): the daemon's connections are accepted by the kernel and its first attempts wait
   for an answer, so no attempt fails and no retry delay or circuit breaker is involved. The clock
@@ -462,13 +463,15 @@ def batch_baseline(workdir: Path, n: int, org: str) -> float:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     sys.path.insert(0, str(ROOT))
     from pusherd.store.db import connect_sync
+    from pusherd.store.ids import IdSource
 
     path = workdir / f"baseline-{uuid.uuid4().hex[:8]}.sqlite3"
     conn = connect_sync(path)  # WAL, synchronous=FULL, the real schema
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
     sub = str(uuid.uuid1())
     payload = orjson.dumps(event(org)["payload"]).decode()
-    rows = [(str(uuid.uuid1()), org, EVENT_NAME, str(uuid.uuid4()), payload) for _ in range(n)]
+    ids = IdSource()  # the same messageUuids and generated messageIds as pusherd's
+    rows = [(ids.uuid1(), org, EVENT_NAME, ids.uuid7(), payload) for _ in range(n)]
     start = time.monotonic()
     for i in range(0, n, 100):
         now = int(time.time() * 1000)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 
 def now_ms() -> int:
@@ -11,10 +12,16 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+_last_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+
+
 def iso_ms(ms: int) -> str:
     """YYYY-MM-DDTHH:MM:SS.mmmZ for a unix-millisecond time."""
-    dt = datetime.fromtimestamp(ms / 1000, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    second = ms // 1000
+    if _last_second[0] != second:  # ingest asks many times a second: format the date once
+        dt = datetime.fromtimestamp(second, tz=UTC)
+        _last_second[:] = [second, dt.strftime("%Y-%m-%dT%H:%M:%S.")]
+    return f"{_last_second[1]}{ms % 1000:03d}Z"
 
 
 def iso_or_none(ms: int | None) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -78,6 +79,16 @@ async def test_single_event_answers_202_with_uuid_id_and_delivery_count(
     assert str(uuid.UUID(body["messageId"])) == body["messageId"]  # generated when absent
     await b.wait_for(1, "ProductUpdated")
     assert b.events("ProductUpdated")[0]["messageId"] == body["messageId"]
+
+
+async def test_generated_message_ids_are_time_ordered_uuid7(harness: Harness) -> None:
+    status, answers = await post(harness, [event() for _ in range(300)])
+    assert status == 202
+    ids = [a["messageId"] for a in answers]
+    assert all(uuid.UUID(i).version == 7 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    created_ms = int(ids[0].replace("-", "")[:12], 16)
+    assert abs(created_ms - time.time() * 1000) < 60_000  # the unix-millisecond prefix
 
 
 async def test_event_without_subscribers_is_stored_with_zero_deliveries(harness: Harness) -> None:

@@ -33,7 +33,7 @@ def insert_event(
     A messageId already stored for the organization makes this a duplicate: nothing is written
     and the original messageUuid is returned.
     """
-    message_id = event.message_id or ids.uuid4()
+    message_id = event.message_id or ids.uuid7()
     message_uuid = ids.uuid1()
     row = conn.execute(
         "INSERT INTO events (uuid, organization, event_name, message_id, payload, timestamp,"

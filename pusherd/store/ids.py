@@ -1,7 +1,12 @@
-"""Message ids: RFC 4122 version-1 messageUuids and version-4 messageIds, made cheaply.
+"""Message ids: version-1 messageUuids and version-7 generated messageIds, made cheaply.
 
 The standard library's uuid1() takes its slow pure-Python path where libuuid is missing, and
-both build a UUID object only to format it; ingest makes one of each per event.
+builds a UUID object only to format it; ingest makes one of each per event.
+
+Generated messageIds are version 7 (RFC 9562: unix milliseconds, then a counter, then random
+bits) rather than random version 4: they are a key of the unique index that makes ingest
+idempotent, and time-ordered keys land on the index's last page instead of dirtying a random
+page of it per event, which cut the pages each group commit writes and fsyncs several-fold.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ class IdSource:
         clock_seq = secrets.randbits(14)
         self._clock = f"{(clock_seq >> 8) | 0x80:02x}{clock_seq & 0xFF:02x}"
         self._last = 0
+        self._ms7 = 0
+        self._seq7 = 0
 
     def uuid1(self) -> str:
         """A new version-1 UUID string (the messageUuid)."""
@@ -34,9 +41,18 @@ class IdSource:
             f"-{self._clock}-{self._node}"
         )
 
-    @staticmethod
-    def uuid4() -> str:
-        """A new random version-4 UUID string (a generated messageId)."""
-        h = os.urandom(16).hex()
-        variant = "89ab"[int(h[16], 16) & 3]
-        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:32]}"
+    def uuid7(self) -> str:
+        """A new version-7 UUID string (a generated messageId), increasing within this process."""
+        ms = time.time_ns() // 1_000_000
+        if ms > self._ms7:
+            self._ms7, self._seq7 = ms, secrets.randbits(10)  # leaves room to count up
+        else:
+            self._seq7 += 1
+            if self._seq7 > 0xFFF:  # 4096 ids in one millisecond: borrow the next one
+                self._ms7, self._seq7 = self._ms7 + 1, 0
+        ms = self._ms7
+        r = int.from_bytes(os.urandom(8)) & 0x3FFFFFFFFFFFFFFF
+        return (
+            f"{ms >> 16:08x}-{ms & 0xFFFF:04x}-{0x7000 | self._seq7:04x}"
+            f"-{0x8000 | r >> 48:04x}-{r & 0xFFFFFFFFFFFF:012x}"
+        )
