@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 import uuid
@@ -122,6 +123,42 @@ async def test_batch_of_1000_is_accepted(harness: Harness) -> None:
     assert status == 202
     assert len(body) == 1000
     assert stored_events(harness) == 1000
+
+
+async def test_large_mixed_batch_keeps_array_order_and_duplicates_across_statements(
+    harness: Harness, receiver_factory: ReceiverFactory
+) -> None:
+    # 999 items are written by several multi-row statements of different sizes: order, the
+    # fan-out of each item and in-batch duplicates must not depend on where those split.
+    token = harness.token()
+    a, b = await receiver_factory(), await receiver_factory()
+    await harness.subscribe(token, a.url, ["ProductCreated"])
+    await harness.subscribe(token, b.url, ["ProductCreated", "ProductUpdated"])
+    items = [
+        event("ProductUpdated" if i % 3 else "ProductCreated", messageId=f"k{i % 700}")
+        for i in range(999)
+    ]
+    status, body = await post(harness, items)
+    assert status == 202
+    assert [r["messageId"] for r in body] == [f"k{i % 700}" for i in range(999)]
+    assert [r.get("duplicate", False) for r in body] == [i >= 700 for i in range(999)]
+    for i in range(700, 999):  # a repeat answers with its first item's uuid and fan-out
+        assert body[i]["messageUuid"] == body[i - 700]["messageUuid"]
+        assert body[i]["deliveries"] == body[i - 700]["deliveries"]
+    assert [r["deliveries"] for r in body[:700]] == [1 if i % 3 else 2 for i in range(700)]
+    with contextlib.closing(sqlite3.connect(harness.config.storage.path)) as conn:
+        stored = conn.execute(
+            "SELECT e.message_id, d.subscription, d.id FROM events e JOIN deliveries d"
+            " ON d.event_seq = e.seq WHERE e.message_id LIKE 'k%' ORDER BY e.seq, d.id"
+        ).fetchall()
+    assert [m for m, _, _ in stored] == [
+        f"k{i}" for i in range(700) for _ in range(1 if i % 3 else 2)
+    ]
+    assert [d for _, _, d in stored] == sorted(d for _, _, d in stored)  # ids in array order
+    await b.wait_for(700 + 1)  # and every delivery arrives: the TestMessage and 700 events
+    assert [e["messageId"] for e in b.events() if e["eventName"] != "TestMessage"] == [
+        f"k{i}" for i in range(700)
+    ]
 
 
 # -- idempotency -------------------------------------------------------------------------------

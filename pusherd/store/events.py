@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 
@@ -18,87 +18,149 @@ from pusherd.store.models import ClaimedDelivery, IngestResult, NewEvent
 Matcher = Callable[[str, Sequence[str], Sequence[str]], bool]
 
 
+CHUNKS = (256, 64, 16, 4, 1)  # multi-row statement sizes: few shapes for the statement cache
+_EVENT_COLUMNS = "uuid, organization, event_name, message_id, payload, timestamp, created_ms"
+_DELIVERY_COLUMNS = (
+    "event_seq, subscription, status, due_ms, created_ms, lease_owner, lease_until_ms"
+)
+
+
+def _chunks(rows: list[tuple[object, ...]]) -> Iterator[list[tuple[object, ...]]]:
+    """Split rows into runs of CHUNKS sizes (largest first), in order."""
+    i = 0
+    for size in CHUNKS:
+        while len(rows) - i >= size:
+            yield rows[i : i + size]
+            i += size
+
+
+def _insert_many(
+    conn: sqlite3.Connection, head: str, width: int, tail: str, rows: list[tuple[object, ...]]
+) -> list[Any]:
+    """Multi-row INSERTs (rows are written in list order); the RETURNING rows of all of them."""
+    out: list[Any] = []
+    for chunk in _chunks(rows):
+        values = ", ".join(["(" + ", ".join("?" * width) + ")"] * len(chunk))
+        params = [v for row in chunk for v in row]
+        out.extend(conn.execute(f"{head} VALUES {values} {tail}", params).fetchall())
+    return out
+
+
+@dataclass
+class Fanout:
+    """One event to insert and the subscriptions it goes to (taken: handed over leased)."""
+
+    event: NewEvent
+    subscriptions: Sequence[str]
+    taken: Mapping[str, Target] = field(default_factory=dict)
+
+
+def insert_events(
+    conn: sqlite3.Connection,
+    ids: IdSource,
+    fanouts: Sequence[Fanout],
+    now: int,
+    taker: Taker | None = None,
+) -> list[IngestResult]:
+    """Insert events and a pending delivery to each of their subscriptions, in order.
+
+    Two multi-row statements do the work of two statements per event. An event whose messageId
+    is already stored for its organization (or comes earlier in `fanouts`) is a duplicate:
+    nothing is written for it and the original messageUuid is returned.
+    """
+    now_iso = iso_ms(now)
+    uuids = [ids.uuid1() for _ in fanouts]
+    message_ids = [f.event.message_id or ids.uuid7() for f in fanouts]
+    inserted = {
+        (org, mid): seq
+        for seq, org, mid in _insert_many(
+            conn,
+            f"INSERT INTO events ({_EVENT_COLUMNS})",
+            7,
+            "ON CONFLICT (organization, message_id) DO NOTHING"
+            " RETURNING seq, organization, message_id",
+            [
+                (
+                    u,
+                    f.event.organization,
+                    f.event.event_name,
+                    mid,
+                    f.event.payload,
+                    f.event.timestamp or now_iso,
+                    now,
+                )
+                for f, u, mid in zip(fanouts, uuids, message_ids, strict=True)
+            ],
+        )
+    }
+    seqs: list[int | None] = []
+    rows: list[tuple[object, ...]] = []
+    for f, mid in zip(fanouts, message_ids, strict=True):
+        seq = inserted.pop((f.event.organization, mid), None)  # a later repeat is a duplicate
+        seqs.append(seq)
+        if seq is None:
+            continue
+        for sub in f.subscriptions:
+            if taker is not None and sub in f.taken:
+                # Born leased to the dispatcher that asked for it: no claim needed (its lease
+                # and the dead-owner recovery keep it safe exactly like a claimed row).
+                until = now + taker.lease_ms
+                rows.append((seq, sub, "pending", until, now, taker.owner, until))
+            else:
+                rows.append((seq, sub, "pending", now, now, None, None))
+    delivery_ids = {
+        (seq, sub): i
+        for i, seq, sub in _insert_many(
+            conn,
+            f"INSERT INTO deliveries ({_DELIVERY_COLUMNS})",
+            7,
+            "RETURNING id, event_seq, subscription",
+            rows,
+        )
+    }
+    results = []
+    for f, u, mid, seq in zip(fanouts, uuids, message_ids, seqs, strict=True):
+        event = f.event
+        if seq is None:
+            original = conn.execute(
+                "SELECT uuid, (SELECT count(*) FROM deliveries WHERE event_seq = seq) FROM events"
+                " WHERE organization = ? AND message_id = ?",
+                (event.organization, mid),
+            ).fetchone()
+            results.append(IngestResult(original[0], mid, original[1], duplicate=True))
+            continue
+        ids_of_event = tuple(delivery_ids[(seq, sub)] for sub in f.subscriptions)
+        handed = tuple(
+            ClaimedDelivery(
+                id=delivery_ids[(seq, sub)],
+                subscription=sub,
+                attempts=0,
+                schedule_pos=0,
+                organization=event.organization,
+                message_uuid=u,
+                event_name=event.event_name,
+                message_id=mid,
+                payload=event.payload,
+                timestamp=event.timestamp or now_iso,
+                destination=target.destination,
+                signing_keys=target.keys(now),
+            )
+            for sub, target in f.taken.items()
+            if taker is not None
+        )
+        results.append(IngestResult(u, mid, len(ids_of_event), False, ids_of_event, handed))
+    return results
+
+
 def insert_event(
     conn: sqlite3.Connection,
     ids: IdSource,
     event: NewEvent,
     now: int,
-    subscriptions: Iterable[str],
-    now_iso: str | None = None,
-    taken: Mapping[str, Target] | None = None,
-    taker: Taker | None = None,
+    subscriptions: Sequence[str],
 ) -> IngestResult:
-    """Insert one event and a pending delivery to each given subscription.
-
-    A messageId already stored for the organization makes this a duplicate: nothing is written
-    and the original messageUuid is returned.
-    """
-    message_id = event.message_id or ids.uuid7()
-    message_uuid = ids.uuid1()
-    row = conn.execute(
-        "INSERT INTO events (uuid, organization, event_name, message_id, payload, timestamp,"
-        " created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT (organization, message_id) DO NOTHING RETURNING seq",
-        (
-            message_uuid,
-            event.organization,
-            event.event_name,
-            message_id,
-            event.payload,
-            event.timestamp or now_iso or iso_ms(now),
-            now,
-        ),
-    ).fetchone()
-    if row is None:
-        original = conn.execute(
-            "SELECT uuid, (SELECT count(*) FROM deliveries WHERE event_seq = seq) FROM events"
-            " WHERE organization = ? AND message_id = ?",
-            (event.organization, message_id),
-        ).fetchone()
-        return IngestResult(original[0], message_id, original[1], duplicate=True)
-    seq = row[0]
-    delivery_ids = []
-    handed: list[ClaimedDelivery] = []
-    timestamp = event.timestamp or now_iso or iso_ms(now)
-    for sub in subscriptions:
-        target = taken.get(sub) if taken is not None else None
-        if target is None or taker is None:
-            cur = conn.execute(
-                "INSERT INTO deliveries (event_seq, subscription, status, due_ms, created_ms)"
-                " VALUES (?, ?, 'pending', ?, ?)",
-                (seq, sub, now, now),
-            )
-            delivery_ids.append(int(cur.lastrowid or 0))
-            continue
-        # Born leased to the dispatcher that asked for it: no claim needed (its lease and the
-        # dead-owner recovery keep it safe exactly like a claimed row).
-        until = now + taker.lease_ms
-        cur = conn.execute(
-            "INSERT INTO deliveries (event_seq, subscription, status, due_ms, created_ms,"
-            " lease_owner, lease_until_ms) VALUES (?, ?, 'pending', ?, ?, ?, ?)",
-            (seq, sub, until, now, taker.owner, until),
-        )
-        delivery_id = int(cur.lastrowid or 0)
-        delivery_ids.append(delivery_id)
-        handed.append(
-            ClaimedDelivery(
-                id=delivery_id,
-                subscription=sub,
-                attempts=0,
-                schedule_pos=0,
-                organization=event.organization,
-                message_uuid=message_uuid,
-                event_name=event.event_name,
-                message_id=message_id,
-                payload=event.payload,
-                timestamp=timestamp,
-                destination=target.destination,
-                signing_keys=target.keys(now),
-            )
-        )
-    return IngestResult(
-        message_uuid, message_id, len(delivery_ids), False, tuple(delivery_ids), tuple(handed)
-    )
+    """insert_events for one event (test sends, a subscription's welcome message)."""
+    return insert_events(conn, ids, [Fanout(event, subscriptions)], now)[0]
 
 
 @dataclass(frozen=True)
@@ -167,33 +229,18 @@ class EventStore:
         """
 
         def fn(conn: sqlite3.Connection) -> list[IngestResult]:
-            now = now_ms()
-            now_iso = iso_ms(now)
             targets = self.targets_cache
-            results = []
+            fanouts = []
             for event in events:
                 subs = targets.get(event.organization)
                 if subs is None:
                     subs = targets[event.organization] = _targets(conn, event.organization)
                 wanted = [t for t in subs if matches(event.event_name, t.event_names, t.scopes)]
                 taken = (
-                    {t.uuid: t for t in wanted if taker.wants(t.uuid)}
-                    if taker is not None
-                    else None
+                    {t.uuid: t for t in wanted if taker.wants(t.uuid)} if taker is not None else {}
                 )
-                results.append(
-                    insert_event(
-                        conn,
-                        self.ids,
-                        event,
-                        now,
-                        [t.uuid for t in wanted],
-                        now_iso,
-                        taken,
-                        taker,
-                    )
-                )
-            return results
+                fanouts.append(Fanout(event, [t.uuid for t in wanted], taken))
+            return insert_events(conn, self.ids, fanouts, now_ms(), taker)
 
         return await self.db.write(fn)
 

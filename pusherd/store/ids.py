@@ -29,6 +29,7 @@ class IdSource:
         self._last = 0
         self._ms7 = 0
         self._seq7 = 0
+        self._random: list[int] = []
 
     def uuid1(self) -> str:
         """A new version-1 UUID string (the messageUuid)."""
@@ -51,7 +52,10 @@ class IdSource:
             if self._seq7 > 0xFFF:  # 4096 ids in one millisecond: borrow the next one
                 self._ms7, self._seq7 = self._ms7 + 1, 0
         ms = self._ms7
-        r = int.from_bytes(os.urandom(8)) & 0x3FFFFFFFFFFFFFFF
+        if not self._random:  # one getrandom() call per 512 ids, not one per id
+            pool = os.urandom(8 * 512)
+            self._random = [int.from_bytes(pool[i : i + 8]) for i in range(0, len(pool), 8)]
+        r = self._random.pop() & 0x3FFFFFFFFFFFFFFF
         return (
             f"{ms >> 16:08x}-{ms & 0xFFFF:04x}-{0x7000 | self._seq7:04x}"
             f"-{0x8000 | r >> 48:04x}-{r & 0xFFFFFFFFFFFF:012x}"
