@@ -17,8 +17,19 @@ _LEVELS = {
 }
 
 
+_info_enabled = True
+
+
+def info_enabled() -> bool:
+    """Whether info lines are logged: lets a hot path skip building a line nobody will see
+    (structlog's filtering logger still binds a logger per call through the lazy proxy)."""
+    return _info_enabled
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     """Route structlog and stdlib logging to stdout (or `stream`) at `level` in `fmt`."""
+    global _info_enabled
+    _info_enabled = _LEVELS[level] <= logging.INFO
     out = sys.stdout if stream is None else stream
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: structlog.typing.Processor = (

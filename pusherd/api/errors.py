@@ -11,6 +11,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from pusherd.log import info_enabled
 from pusherd.store.db import StoreError
 
 log = structlog.get_logger("pusherd.http")
@@ -73,13 +74,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("request_crashed", method=request.method, path=request.path)
         response = error_response(500, "internal error")
-    log.info(
-        "request_handled",
-        method=request.method,
-        path=request.path,
-        status=response.status,
-        duration_ms=round((time.perf_counter() - start) * 1000, 2),
-    )
+    if info_enabled():
+        log.info(
+            "request_handled",
+            method=request.method,
+            path=request.path,
+            status=response.status,
+            duration_ms=round((time.perf_counter() - start) * 1000, 2),
+        )
     return response
 
 

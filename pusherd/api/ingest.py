@@ -20,6 +20,22 @@ MAX_BATCH = 1000
 MESSAGE_ID_MAX = 200
 
 
+_orgs: dict[str, str] = {}  # organizationUuid as sent -> canonical form (a few per shop)
+
+
+def _canonical_org(org: str, where: str) -> str:
+    canonical = _orgs.get(org)
+    if canonical is None:
+        try:
+            canonical = str(uuidlib.UUID(org))
+        except ValueError:
+            raise ApiError(400, f"{where}organizationUuid is not a valid UUID") from None
+        if len(_orgs) >= 4096:
+            _orgs.clear()
+        _orgs[org] = canonical
+    return canonical
+
+
 def _event(item: Any, known: Any, where: str) -> NewEvent:
     if not isinstance(item, dict):
         raise ApiError(400, f"{where}must be a JSON object")
@@ -31,10 +47,7 @@ def _event(item: Any, known: Any, where: str) -> NewEvent:
     org = item.get("organizationUuid")
     if not isinstance(org, str):
         raise ApiError(400, f"{where}organizationUuid is required")
-    try:
-        org = str(uuidlib.UUID(org))
-    except ValueError:
-        raise ApiError(400, f"{where}organizationUuid is not a valid UUID") from None
+    org = _canonical_org(org, where)
     if "payload" not in item:
         raise ApiError(400, f"{where}payload is required")
     message_id = item.get("messageId")

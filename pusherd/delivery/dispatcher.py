@@ -30,6 +30,7 @@ from pusherd.clock import now_ms
 from pusherd.config import DeliveryConfig
 from pusherd.delivery.retry import Outcome, RetryPolicy
 from pusherd.delivery.sender import Exchange, Sender, origin_of, outcome_label
+from pusherd.log import info_enabled
 from pusherd.metrics import Metrics
 from pusherd.store.base import Store
 from pusherd.store.db import StoreError
@@ -604,17 +605,18 @@ class Dispatcher:
             self._finished["delivered"].inc()
         elif decision.kind in ("failed", "gone"):
             self._finished["failed"].inc()
-        log.info(
-            "delivery_attempted",
-            delivery_id=d.id,
-            subscription=d.subscription,
-            event_name=d.event_name,
-            attempt=d.attempts + 1,
-            status_code=outcome.status_code,
-            error=outcome.error,
-            duration_ms=round(outcome.duration_ms, 1),
-            result=decision.kind,
-        )
+        if info_enabled():
+            log.info(
+                "delivery_attempted",
+                delivery_id=d.id,
+                subscription=d.subscription,
+                event_name=d.event_name,
+                attempt=d.attempts + 1,
+                status_code=outcome.status_code,
+                error=outcome.error,
+                duration_ms=round(outcome.duration_ms, 1),
+                result=decision.kind,
+            )
         if change is not None:
             self.on_status_change(change)
             if change.new == "DISABLED":
