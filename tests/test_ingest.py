@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 import time
@@ -59,13 +60,21 @@ def stored_deliveries(h: Harness) -> int:
 # -- answers ---------------------------------------------------------------------------------
 
 
-async def test_single_event_answers_202_with_uuid_id_and_delivery_count(
+async def created_and_updated(
     harness: Harness, receiver_factory: ReceiverFactory
-) -> None:
+) -> tuple[Receiver, Receiver]:
+    """Two receivers: one subscribed to ProductCreated, one to ProductCreated and Updated."""
     token = harness.token()
     a, b = await receiver_factory(), await receiver_factory()
     await harness.subscribe(token, a.url, ["ProductCreated"])
     await harness.subscribe(token, b.url, ["ProductCreated", "ProductUpdated"])
+    return a, b
+
+
+async def test_single_event_answers_202_with_uuid_id_and_delivery_count(
+    harness: Harness, receiver_factory: ReceiverFactory
+) -> None:
+    _, b = await created_and_updated(harness, receiver_factory)
 
     status, body = await post(harness, event(messageId="order-1"))
     assert status == 202
@@ -130,10 +139,7 @@ async def test_large_mixed_batch_keeps_array_order_and_duplicates_across_stateme
 ) -> None:
     # 999 items are written by several multi-row statements of different sizes: order, the
     # fan-out of each item and in-batch duplicates must not depend on where those split.
-    token = harness.token()
-    a, b = await receiver_factory(), await receiver_factory()
-    await harness.subscribe(token, a.url, ["ProductCreated"])
-    await harness.subscribe(token, b.url, ["ProductCreated", "ProductUpdated"])
+    a, b = await created_and_updated(harness, receiver_factory)
     items = [
         event("ProductUpdated" if i % 3 else "ProductCreated", messageId=f"k{i % 700}")
         for i in range(999)
@@ -159,6 +165,9 @@ async def test_large_mixed_batch_keeps_array_order_and_duplicates_across_stateme
     assert [e["messageId"] for e in b.events() if e["eventName"] != "TestMessage"] == [
         f"k{i}" for i in range(700)
     ]
+    created = [f"k{i}" for i in range(700) if i % 3 == 0]
+    await a.wait_for(len(created), "ProductCreated")
+    assert [e["messageId"] for e in a.events("ProductCreated")] == created
 
 
 # -- idempotency -------------------------------------------------------------------------------
@@ -329,6 +338,75 @@ async def test_store_that_cannot_commit_answers_503_and_acknowledges_nothing(
     status, body = await post(harness, event(messageId="full-2"))
     assert status == 202
     await receiver.wait_for(2, "ProductCreated")
+
+
+async def test_concurrent_requests_sharing_a_commit_get_their_own_answers(
+    harness: Harness, receiver: Receiver
+) -> None:
+    token = harness.token()
+    await harness.subscribe(token, receiver.url, ["ProductCreated"])
+    await receiver.wait_for(1, "TestMessage")
+    # Sent at once, these wait for the same group commit and are written together.
+    bodies: list[Any] = [
+        event(messageId="c-1"),
+        [event(messageId="c-2"), event("ProductUpdated", messageId="c-3")],
+        event(messageId="c-1"),  # the same messageId as the first, in the same commit
+        event(messageId="c-4"),
+    ]
+    answers = await asyncio.gather(*(post(harness, b) for b in bodies))
+    statuses = [status for status, _ in answers]
+    assert statuses[1] == 202 and statuses[3] == 202
+    first, batch, again, last = (body for _, body in answers)
+    assert [r["messageId"] for r in batch] == ["c-2", "c-3"]
+    assert [r["deliveries"] for r in batch] == [1, 0]
+    assert last["messageId"] == "c-4" and last["deliveries"] == 1
+    # Whichever of the two c-1 requests was written first, the other is its duplicate.
+    assert again["messageUuid"] == first["messageUuid"]
+    assert sorted([statuses[0], statuses[2]]) == [200, 202]
+    await receiver.wait_for(3, "ProductCreated")
+    await harness.idle()
+    assert sorted(e["messageId"] for e in receiver.events("ProductCreated")) == [
+        "c-1",
+        "c-2",
+        "c-4",
+    ]
+
+
+async def test_a_failed_shared_commit_fails_every_request_in_it_and_the_next_one_works(
+    harness: Harness,
+) -> None:
+    writer: sqlite3.Connection = harness.runtime.store.db.writer  # type: ignore[attr-defined]
+    pages = writer.execute("PRAGMA page_count").fetchone()[0]
+    writer.execute(f"PRAGMA max_page_count = {pages}")
+    big = {"blob": "x" * 200_000}
+    answers = await asyncio.gather(
+        post(harness, event(messageId="f-1", payload=big)),
+        post(harness, event(messageId="f-2")),
+    )
+    for status, body in answers:
+        assert_error(status, body, 503)
+    writer.execute("PRAGMA max_page_count = 1073741823")
+    status, body = await post(harness, event(messageId="f-2"))
+    assert status == 202 and body["messageId"] == "f-2"
+
+
+async def test_a_commit_that_cannot_begin_answers_503_and_the_next_one_works(
+    harness: Harness,
+) -> None:
+    writer: sqlite3.Connection = harness.runtime.store.db.writer  # type: ignore[attr-defined]
+    writer.execute("PRAGMA busy_timeout = 0")
+    other = sqlite3.connect(harness.config.storage.path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        answers = await asyncio.gather(post(harness, event()), post(harness, event()))
+        for status, body in answers:
+            assert_error(status, body, 503)
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+        writer.execute("PRAGMA busy_timeout = 5000")
+    status, body = await post(harness, event(messageId="after-busy"))
+    assert status == 202 and body["messageId"] == "after-busy"
 
 
 # -- matching ----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ class SqliteStore(TokenStore, EventStore, SubscriptionStore, DeliveryStore):
         self.db = db
         self.ids = IdSource()
         self.targets_cache = {}
+        self.ingest_group = None
         self._records = []
 
     async def close(self) -> None:
