@@ -139,7 +139,7 @@ class Taking:
         self.dispatcher = dispatcher
         self.owner = dispatcher.owner
         self.lease_ms = dispatcher.lease_ms
-        self.promises: list[Origin] = []
+        self.promises: list[tuple[Origin, str]] = []
         self.missed: set[str] = set()  # subscriptions that got a row the usual way
 
     def wants(self, subscription: str) -> bool:
@@ -159,7 +159,8 @@ class Taking:
             self.missed.add(subscription)
             return False
         origin.promised += 1
-        self.promises.append(origin)
+        d._handing[subscription] = d._handing.get(subscription, 0) + 1
+        self.promises.append((origin, subscription))
         return True
 
 
@@ -204,6 +205,9 @@ class Dispatcher:
         # subscription -> earliest due time of its pending rows as last probed (a large number
         # when none); absent: unknown, probe before claiming. Cleared at least every POLL_S.
         self._quiet: dict[str, int] = {}
+        # subscription -> deliveries an ingest is handing over (committed or not): its other
+        # rows are not claimed meanwhile, or a newer one could leave before them.
+        self._handing: dict[str, int] = {}
         self._probed_all_at = 0.0
         # Labelled metric children looked up once: labels() is costly on the hot path.
         self._outcomes = {
@@ -231,15 +235,23 @@ class Dispatcher:
 
     def accept(self, taking: Taking, handed: list[ClaimedDelivery]) -> None:
         """Take the deliveries an ingest committed leased to us (none if its write failed)."""
-        for origin in taking.promises:
+        for origin, sub in taking.promises:
             origin.promised -= 1
+            left = self._handing[sub] - 1
+            if left:
+                self._handing[sub] = left
+            else:
+                del self._handing[sub]
         taking.promises.clear()
         # A probe may have run between wants() and the commit and found nothing yet.
+        wake = bool(taking.missed or handed)
         for sub in taking.missed:
             self._quiet.pop(sub, None)
         taking.missed.clear()
         if handed:
             self._dispatch(handed)
+        if wake:
+            self._wake.set()  # rows it did not take, or ones held back by its promises
 
     async def refresh_subscription(self, subscription: str) -> int:
         """A subscription changed (destination, key, status) or was deleted.
@@ -368,6 +380,8 @@ class Dispatcher:
                 continue
             due_subs = []
             for sub in origin.subscriptions:
+                if sub in self._handing:
+                    continue  # accept() wakes the loop again
                 due = self._quiet.get(sub)
                 if due is None or due <= wall_ms:
                     probed = self.store.next_due(sub)
