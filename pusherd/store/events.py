@@ -129,7 +129,10 @@ def insert_events(
             ).fetchone()
             results.append(IngestResult(original[0], mid, original[1], duplicate=True))
             continue
-        ids_of_event = tuple(delivery_ids[(seq, sub)] for sub in f.subscriptions)
+        ids_of_event = tuple([delivery_ids[(seq, sub)] for sub in f.subscriptions])
+        if not f.taken or f.taker is None:
+            results.append(IngestResult(u, mid, len(ids_of_event), False, ids_of_event))
+            continue
         handed = tuple(
             ClaimedDelivery(
                 id=delivery_ids[(seq, sub)],
@@ -146,7 +149,6 @@ def insert_events(
                 signing_keys=target.keys(now),
             )
             for sub, target in f.taken.items()
-            if f.taker is not None
         )
         results.append(IngestResult(u, mid, len(ids_of_event), False, ids_of_event, handed))
     return results

@@ -17,6 +17,7 @@ import time
 import uuid
 
 _GREGORIAN_OFFSET = 0x01B21DD213814000  # 100 ns intervals from 1582-10-15 to 1970-01-01
+_VARIANT = {f"{i:x}": "89ab"[i & 3] for i in range(16)}
 
 
 class IdSource:
@@ -29,7 +30,9 @@ class IdSource:
         self._last = 0
         self._ms7 = 0
         self._seq7 = 0
-        self._random: list[int] = []
+        self._prefix7 = ""
+        self._random7 = ""
+        self._pos7 = 0
 
     def uuid1(self) -> str:
         """A new version-1 UUID string (the messageUuid)."""
@@ -47,16 +50,15 @@ class IdSource:
         ms = time.time_ns() // 1_000_000
         if ms > self._ms7:
             self._ms7, self._seq7 = ms, secrets.randbits(10)  # leaves room to count up
+            self._prefix7 = f"{ms >> 16:08x}-{ms & 0xFFFF:04x}-7"
         else:
             self._seq7 += 1
             if self._seq7 > 0xFFF:  # 4096 ids in one millisecond: borrow the next one
                 self._ms7, self._seq7 = self._ms7 + 1, 0
-        ms = self._ms7
-        if not self._random:  # one getrandom() call per 512 ids, not one per id
-            pool = os.urandom(8 * 512)
-            self._random = [int.from_bytes(pool[i : i + 8]) for i in range(0, len(pool), 8)]
-        r = self._random.pop() & 0x3FFFFFFFFFFFFFFF
-        return (
-            f"{ms >> 16:08x}-{ms & 0xFFFF:04x}-{0x7000 | self._seq7:04x}"
-            f"-{0x8000 | r >> 48:04x}-{r & 0xFFFFFFFFFFFF:012x}"
-        )
+                self._prefix7 = f"{self._ms7 >> 16:08x}-{self._ms7 & 0xFFFF:04x}-7"
+        if self._pos7 >= len(self._random7):  # one getrandom() call per 512 ids
+            self._random7, self._pos7 = os.urandom(8 * 512).hex(), 0
+        r = self._random7[self._pos7 : self._pos7 + 16]
+        self._pos7 += 16
+        # 62 random bits after the variant bits "10": the first digit becomes 8, 9, a or b.
+        return f"{self._prefix7}{self._seq7:03x}-{_VARIANT[r[0]]}{r[1:4]}-{r[4:]}"
