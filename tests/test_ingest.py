@@ -60,6 +60,12 @@ def stored_deliveries(h: Harness) -> int:
 # -- answers ---------------------------------------------------------------------------------
 
 
+async def subscribed(harness: Harness, receiver: Receiver) -> None:
+    """Subscribe the receiver to ProductCreated and wait for its TestMessage."""
+    await harness.subscribe(harness.token(), receiver.url, ["ProductCreated"])
+    await receiver.wait_for(1, "TestMessage")
+
+
 async def created_and_updated(
     harness: Harness, receiver_factory: ReceiverFactory
 ) -> tuple[Receiver, Receiver]:
@@ -176,9 +182,7 @@ async def test_large_mixed_batch_keeps_array_order_and_duplicates_across_stateme
 async def test_repeated_message_id_answers_200_with_original_uuid_and_no_second_fan_out(
     harness: Harness, receiver: Receiver
 ) -> None:
-    token = harness.token()
-    await harness.subscribe(token, receiver.url, ["ProductCreated"])
-    await receiver.wait_for(1, "TestMessage")
+    await subscribed(harness, receiver)
 
     status, first = await post(harness, event(messageId="m-1"))
     assert status == 202
@@ -204,9 +208,7 @@ async def test_message_id_is_per_organization(harness: Harness) -> None:
 async def test_batch_marks_duplicates_also_within_the_batch(
     harness: Harness, receiver: Receiver
 ) -> None:
-    token = harness.token()
-    await harness.subscribe(token, receiver.url, ["ProductCreated"])
-    await receiver.wait_for(1, "TestMessage")
+    await subscribed(harness, receiver)
     status, old = await post(harness, event(messageId="seen"))
     assert status == 202
 
@@ -232,9 +234,7 @@ async def test_batch_marks_duplicates_also_within_the_batch(
 
 
 async def test_one_bad_event_rejects_the_whole_batch(harness: Harness, receiver: Receiver) -> None:
-    token = harness.token()
-    await harness.subscribe(token, receiver.url, ["ProductCreated"])
-    await receiver.wait_for(1, "TestMessage")
+    await subscribed(harness, receiver)
     before = stored_events(harness)
 
     items = [event(messageId="r-1"), event(messageId="r-2"), event("NoSuchEvent")]
@@ -314,9 +314,7 @@ async def test_body_over_max_body_is_413(harness_factory: HarnessFactory) -> Non
 async def test_store_that_cannot_commit_answers_503_and_acknowledges_nothing(
     harness: Harness, receiver: Receiver
 ) -> None:
-    token = harness.token()
-    await harness.subscribe(token, receiver.url, ["ProductCreated"])
-    await receiver.wait_for(1, "TestMessage")
+    await subscribed(harness, receiver)
     await harness.idle()
     before = stored_events(harness)
 
@@ -343,9 +341,7 @@ async def test_store_that_cannot_commit_answers_503_and_acknowledges_nothing(
 async def test_concurrent_requests_sharing_a_commit_get_their_own_answers(
     harness: Harness, receiver: Receiver
 ) -> None:
-    token = harness.token()
-    await harness.subscribe(token, receiver.url, ["ProductCreated"])
-    await receiver.wait_for(1, "TestMessage")
+    await subscribed(harness, receiver)
     # Sent at once, these wait for the same group commit and are written together.
     bodies: list[Any] = [
         event(messageId="c-1"),
@@ -455,9 +451,7 @@ async def test_deliveries_go_to_matching_live_subscriptions_of_the_same_organiza
 async def test_events_reach_a_subscriber_in_ingest_order(
     harness: Harness, receiver: Receiver
 ) -> None:
-    token = harness.token()
-    await harness.subscribe(token, receiver.url, ["ProductCreated"])
-    await receiver.wait_for(1, "TestMessage")
+    await subscribed(harness, receiver)
     sent = []
     for i in range(20):
         body = await harness.emit(messageId=f"single-{i}")
