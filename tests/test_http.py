@@ -368,3 +368,29 @@ async def test_https_verifies_the_certificate_and_the_host_name(ca: trustme.CA) 
         for c in clients:
             await c.close()
         server.close()
+
+
+async def test_ipv6_literal_destination_gets_a_bracketed_host_header(sender: Sender) -> None:
+    heads: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+        await reader.readexactly(int(length.group(1)) if length else 0)
+        heads.append(head)
+        writer.write(OK)
+        await writer.drain()
+        writer.close()
+
+    try:
+        server = await asyncio.start_server(handle, "::1", 0)
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    port = server.sockets[0].getsockname()[1]
+    try:
+        outcome = await sender.send(delivery(f"http://[::1]:{port}/v6?x=1"))
+    finally:
+        server.close()
+    assert outcome.status_code == 200
+    assert heads[0].startswith(b"POST /v6?x=1 HTTP/1.1\r\n")
+    assert f"\r\nHost: [::1]:{port}\r\n".encode() in heads[0]
