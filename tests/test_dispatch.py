@@ -326,6 +326,26 @@ async def test_rows_an_ingest_left_in_the_table_wait_for_the_ones_it_hands_over(
     assert message_ids(receiver) == [f"gap-{i}" for i in range(40)]
 
 
+async def test_a_hand_over_given_up_on_before_its_write_holds_nothing_back(
+    harness: Harness, receiver: Receiver
+) -> None:
+    # An ingest handler cancelled before its group commit ran: accept() comes first, then the
+    # shared write asks wants(). Nothing may stay promised, or the subscription would never
+    # be claimed from again.
+    h = harness
+    sub = await h.subscribe(h.token(), receiver.url)
+    await receiver.wait_for(1, "TestMessage")
+    await h.idle()
+    d = h.runtime.dispatcher
+    taking = d.taking()
+    d.accept(taking, [])
+    assert not taking.wants(sub["uuid"])
+    assert sub["uuid"] not in d._handing
+    assert d._sub_origin[sub["uuid"]].promised == 0
+    await h.emit(messageId="after")
+    await receiver.wait_for(1, "ProductCreated")
+
+
 async def test_large_batch_to_a_slow_receiver_arrives_complete_and_in_order(
     harness_factory: HarnessFactory, receiver_factory: ReceiverFactory
 ) -> None:

@@ -173,10 +173,98 @@ async def test_idle_connection_closed_by_the_receiver_is_retried_once_on_a_new_o
 
     server = await raw(one_per_connection)
     first = await sender.send(delivery(server.url(), 1))
+    await asyncio.sleep(http.KEEPALIVE_S / 4)  # idle long enough for a server to close it
     second = await sender.send(delivery(server.url(), 2))
     assert first.status_code == 200 and second.status_code == 200
     assert [json.loads(b)["messageId"] for _, b in server.requests] == ["m1", "m2"]
     assert server.connections == 2
+
+
+async def test_a_reused_connection_dropped_after_the_request_was_read_is_not_retried(
+    raw: Callable[[Handler], Awaitable[RawServer]], sender: Sender
+) -> None:
+    # Read, "processed", then the receiver dies without answering: sending again would
+    # deliver twice, so this is a failed attempt (retried later, and recorded).
+    async def dies_on_second(
+        srv: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await srv.read_request(reader)
+        writer.write(OK)
+        await writer.drain()
+        await srv.read_request(reader)
+        await asyncio.sleep(0.2)
+
+    server = await raw(dies_on_second)
+    assert (await sender.send(delivery(server.url(), 1))).status_code == 200
+    await asyncio.sleep(http.KEEPALIVE_S / 4)
+    second = await sender.send(delivery(server.url(), 2))
+    assert second.status_code is None
+    assert second.error == "connection closed before the answer"
+    assert [json.loads(b)["messageId"] for _, b in server.requests] == ["m1", "m2"]
+
+
+async def test_sending_on_a_connection_the_receiver_closed_fails_at_once(
+    raw: Callable[[Handler], Awaitable[RawServer]],
+) -> None:
+    closed = asyncio.Event()
+
+    async def at_its_limit(
+        srv: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.close()  # accepts, then closes at once
+        closed.set()
+
+    server = await raw(at_its_limit)
+    client = HttpClient(allow_private=True, max_idle=4)
+    try:
+        conn = await client.connect(http.target(server.url(), "t"))
+        await asyncio.wait_for(closed.wait(), 2)
+        for _ in range(100):  # until the close has reached the client
+            if conn.closed:
+                break
+            await asyncio.sleep(0.01)
+        answer = conn.send(b"POST / HTTP/1.1\r\n\r\n", asyncio.get_running_loop().time() + 5)
+        assert answer.done()  # not left to the timeout
+        assert isinstance(answer.exception(), http.ConnectionLostError)
+    finally:
+        await client.close()
+    assert server.requests == []
+
+
+async def test_lenient_answers_that_aiohttp_accepted_are_accepted(
+    raw: Callable[[Handler], Awaitable[RawServer]], sender: Sender
+) -> None:
+    lf_only = b"HTTP/1.1 200 OK\nContent-Length : 2\nX-Odd: a\x01b\n\nok"
+    chunk_space = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2 \r\nok\r\n0\r\n\r\n"
+    server = await raw(answering(lf_only, chunk_space))
+    for i in range(2):
+        outcome = await sender.send(delivery(server.url(), i))
+        assert outcome.status_code == 200 and outcome.body == "ok", outcome
+
+
+async def test_bytes_after_an_answer_keep_the_connection_out_of_the_pool(
+    raw: Callable[[Handler], Awaitable[RawServer]], sender: Sender
+) -> None:
+    server = await raw(answering(OK + b"HTTP/1.1 2"))
+    assert (await sender.send(delivery(server.url(), 1))).status_code == 200
+    assert (await sender.send(delivery(server.url(), 2))).status_code == 200
+    assert server.connections == 2
+
+
+async def test_a_full_pool_makes_room_by_closing_the_longest_idle_connection(
+    raw: Callable[[Handler], Awaitable[RawServer]],
+) -> None:
+    a, b = await raw(answering()), await raw(answering())
+    client = HttpClient(allow_private=True, max_idle=1)
+    try:
+        s = Sender(client, 2.0)
+        assert (await s.send(delivery(a.url(), 1))).status_code == 200
+        for i in range(3):
+            assert (await s.send(delivery(b.url(), i))).status_code == 200
+        assert b.connections == 1  # B's connection was pooled in place of A's
+        assert client.idle(http.target(a.url(), "t")) is None
+    finally:
+        await client.close()
 
 
 async def test_fresh_connection_closed_without_an_answer_is_a_failed_attempt(

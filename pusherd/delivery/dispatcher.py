@@ -141,10 +141,15 @@ class Taking:
         self.lease_ms = dispatcher.lease_ms
         self.promises: list[tuple[Origin, str]] = []
         self.missed: set[str] = set()  # subscriptions that got a row the usual way
+        self.closed = False
 
     def wants(self, subscription: str) -> bool:
         """Take it when its origin has room and no older delivery of it may be due."""
         d = self.dispatcher
+        if self.closed:  # accept() already ran: its ingest was given up on before this write
+            d._quiet.pop(subscription, None)
+            d._wake.set()
+            return False
         origin = d._sub_origin.get(subscription)
         quiet_until = d._quiet.get(subscription)
         if (
@@ -235,6 +240,8 @@ class Dispatcher:
 
     def accept(self, taking: Taking, handed: list[ClaimedDelivery]) -> None:
         """Take the deliveries an ingest committed leased to us (none if its write failed)."""
+        taking.closed = True
+        wake = bool(taking.missed or handed or taking.promises)
         for origin, sub in taking.promises:
             origin.promised -= 1
             left = self._handing[sub] - 1
@@ -244,7 +251,6 @@ class Dispatcher:
                 del self._handing[sub]
         taking.promises.clear()
         # A probe may have run between wants() and the commit and found nothing yet.
-        wake = bool(taking.missed or handed)
         for sub in taking.missed:
             self._quiet.pop(sub, None)
         taking.missed.clear()

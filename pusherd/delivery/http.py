@@ -97,10 +97,19 @@ class Connection(asyncio.Protocol):
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        # As lenient as aiohttp's parser is with answers: bare LF line ends, a space before a
+        # header's colon or after a chunk size. Receivers like that processed the request.
+        self.parser.set_dangerous_leniencies(
+            lenient_headers=True,
+            lenient_optional_cr_before_lf=True,
+            lenient_spaces_after_chunk_size=True,
+        )
         self.closed = False
         self.reusable = False
         self.reused = False  # has carried an exchange before this one
         self.idle_since = 0.0
+        self.idle_for = 0.0  # how long it had been idle when this exchange took it
+        self.sent_at = 0.0  # loop time the current request was written
         self._waiter: asyncio.Future[Answer] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._got_bytes = False
@@ -140,6 +149,11 @@ class Connection(asyncio.Protocol):
 
     # -- httptools callbacks -------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._waiter is None:
+            # The start of an answer nobody asked for, in the same read as the last one.
+            self.close()
+
     def on_header(self, name: bytes, value: bytes) -> None:
         if name.lower() == b"retry-after":
             self._retry_after = value.decode("latin-1")
@@ -171,12 +185,20 @@ class Connection(asyncio.Protocol):
     # -- one exchange ----------------------------------------------------------------------
 
     def send(self, data: bytes, deadline: float) -> asyncio.Future[Answer]:
-        """Write one request now; the future gets the answer, or TimeoutError at deadline."""
-        assert self.transport is not None and self._waiter is None
+        """Write one request now; the future gets the answer, or TimeoutError at deadline.
+
+        On a connection the peer has already closed nothing is written and the future fails
+        at once with ConnectionLostError.
+        """
+        assert self._waiter is None
         waiter = self._waiter = self.loop.create_future()
         self._got_bytes = self._headers_done = self.reusable = False
         self._status, self._retry_after, self._body = 0, None, b""
+        if self.closed or self.transport is None or self.transport.is_closing():
+            self._fail(ConnectionLostError(before_answer=True))
+            return waiter
         self._timer = self.loop.call_at(deadline, self._timed_out)
+        self.sent_at = self.loop.time()
         self.transport.write(data)
         return waiter
 
@@ -240,21 +262,48 @@ class HttpClient:
             self._idle_count -= 1
             if not conn.closed and now - conn.idle_since < KEEPALIVE_S:
                 conn.reused = True
+                conn.idle_for = now - conn.idle_since
                 return conn
             conn.close()
         return None
 
     def release(self, conn: Connection) -> None:
         """Pool a connection whose exchange is complete, or close it."""
-        if conn.closed or not conn.reusable or self._closed or self._idle_count >= self.max_idle:
+        if conn.closed or not conn.reusable or self._closed:
             conn.close()
             return
+        if self._idle_count >= self.max_idle:
+            self._make_room()
         conn.idle_since = time.monotonic()
         self._idle.setdefault(conn.key, []).append(conn)
         self._idle_count += 1
 
-    async def connect(self, t: Target) -> Connection:
-        """Open a new connection to a vetted address of t (raises OSError / DestinationError)."""
+    def _make_room(self) -> None:
+        """Drop closed and expired idle connections; if none were, the longest idle one."""
+        now = time.monotonic()
+        oldest: Connection | None = None
+        for key, conns in list(self._idle.items()):
+            live = [c for c in conns if not c.closed and now - c.idle_since < KEEPALIVE_S]
+            for c in conns:
+                if c not in live:
+                    c.close()
+            self._idle_count -= len(conns) - len(live)
+            if live:
+                self._idle[key] = live
+                if oldest is None or live[0].idle_since < oldest.idle_since:
+                    oldest = live[0]
+            else:
+                del self._idle[key]
+        if self._idle_count >= self.max_idle and oldest is not None:
+            self._idle[oldest.key].remove(oldest)
+            if not self._idle[oldest.key]:
+                del self._idle[oldest.key]
+            self._idle_count -= 1
+            oldest.close()
+
+    async def connect(self, t: Target, timeout_s: float = 30.0) -> Connection:
+        """Open a new connection to a vetted address of t within timeout_s (raises OSError,
+        DestinationError or TimeoutError)."""
         if self._closed:
             raise ConnectionError("client is closed")
         loop = asyncio.get_running_loop()
@@ -269,16 +318,26 @@ class HttpClient:
                 self._tls = ssl.create_default_context()
             tls = self._tls
         last: OSError | None = None
-        for host, port, family in addresses:
+        deadline = loop.time() + timeout_s
+        for i, (host, port, family) in enumerate(addresses):
+            # An address that does not answer (a broken IPv6 route, say) must not use up the
+            # whole timeout: each gets an equal share of what is left.
+            share = (deadline - loop.time()) / (len(addresses) - i)
             try:
-                _, conn = await loop.create_connection(
-                    lambda: Connection(t.key, loop),
-                    host,
-                    port,
-                    family=family,
-                    ssl=tls,
-                    server_hostname=t.host if tls else None,
-                )
+                async with asyncio.timeout(share):
+                    _, conn = await loop.create_connection(
+                        lambda: Connection(t.key, loop),
+                        host,
+                        port,
+                        family=family,
+                        ssl=tls,
+                        server_hostname=t.host.rstrip(".") if tls else None,
+                    )
+            except TimeoutError:
+                if i == len(addresses) - 1:
+                    raise
+                last = OSError(f"connect to {host} port {port} timed out")
+                continue
             except OSError as exc:
                 last = exc
                 continue

@@ -105,7 +105,11 @@ class Sender:
             return None
         started = time.perf_counter()
         deadline = conn.loop.time() + self.timeout_s
-        request = self.request(t, d)
+        try:
+            request = self.request(t, d)
+        except Exception:
+            conn.close()
+            return None  # finish() runs the attempt again and reports what went wrong
         return Exchange(t, request, conn, conn.send(request, deadline), started, deadline)
 
     async def send(self, d: ClaimedDelivery, on_sent: Callable[[], None] | None = None) -> Outcome:
@@ -134,7 +138,7 @@ class Sender:
             try:
                 answer = await waiter
             except ConnectionLostError as exc:
-                if not (current.reused and exc.before_answer and loop.time() < deadline):
+                if not (exc.before_answer and lost_to_idle_close(current, loop.time())):
                     raise
                 # The receiver closed the idle keep-alive connection as the request went into
                 # it, so it never saw the request: send it once more on a new connection.
@@ -175,4 +179,19 @@ class Sender:
 
     async def _open(self, t: Target, deadline: float) -> Connection:
         async with asyncio.timeout_at(deadline):
-            return await self.client.connect(t)
+            return await self.client.connect(t, deadline - asyncio.get_running_loop().time())
+
+
+IDLE_CLOSE_MIN_S = 0.5  # idle at least this long before reuse: a server's idle timeout may hit it
+RACE_WINDOW_S = 0.05  # lost this soon after the write: the close was already on its way
+
+
+def lost_to_idle_close(conn: Connection, now: float) -> bool:
+    """Whether a connection lost without a byte of answer was most likely closed by the
+    receiver's keep-alive timeout as the request went in (so the request was never read).
+
+    A receiver that read the request and then died without answering looks the same from
+    here; the two bounds keep the retry to the race, where that is least likely. A request
+    sent twice carries the same webhook-id either way.
+    """
+    return conn.reused and conn.idle_for >= IDLE_CLOSE_MIN_S and now - conn.sent_at < RACE_WINDOW_S

@@ -244,7 +244,7 @@ class EventStore:
         request. They share its fate too: if the commit fails, each of them gets the error.
         """
         group = self.ingest_group
-        if group is None:
+        if group is None or (group.written is not None and group.written.done()):
             group = self.ingest_group = IngestGroup()
 
             def fn(conn: sqlite3.Connection) -> list[IngestResult]:
@@ -253,9 +253,11 @@ class EventStore:
 
             group.written = written = self.db.write(fn)
 
-            def closed(_: object) -> None:
+            def closed(done: asyncio.Future[list[IngestResult]]) -> None:
                 if self.ingest_group is group:  # the write failed before fn ran
                     self.ingest_group = None
+                if not done.cancelled():
+                    done.exception()  # retrieved: each request has its own copy via shield
 
             written.add_done_callback(closed)
         first = len(group.fanouts)
