@@ -29,12 +29,13 @@ How each figure is taken (SPEC §7):
 - e2e_p50_ms / e2e_p99_ms: single-event requests at a fixed offered 1,000 events/s with the receiver
   up; latency = receiver arrival time - the time the 202 came back to the producer (the table also
   shows request start -> receiver).
-- backlog_rss_mb / backlog_drain_ratio: the outbox is filled (receiver stopped) to 200,000 pending
-  deliveries (1,000,000 without --quick) plus the windows below; then, per run, the receiver is
-  resumed until it has 20,000 more events and stopped again. The rate of that window, with at
-  least the backlog still pending, over the median deliver_rps (the same 20,000-event window with
-  an otherwise empty queue) is backlog_drain_ratio. backlog_rss_mb is the daemon's peak VmRSS while
-  those windows drain.
+- backlog_rss_mb / backlog_drain_ratio: a second daemon, with its own receiver process, has its
+  outbox filled (receiver stopped) to 200,000 pending deliveries (1,000,000 without --quick) plus
+  the windows below; then, right after each deliver_rps run, its receiver is resumed until it has
+  20,000 more events and stopped again. The median rate of those windows, with at least the
+  backlog still pending, over the median deliver_rps (the same 20,000-event window with an
+  otherwise empty queue, taken just before each) is backlog_drain_ratio. backlog_rss_mb is that
+  daemon's peak VmRSS while the windows drain.
 - isolation_ratio: one organization's events go to a healthy receiver port only (solo); another's
   go to a healthy port and to a port that accepts and never answers (a fresh one per run, so its
   attempts hang until delivery.timeout = 10s rather than meeting an already open circuit). The
@@ -557,6 +558,7 @@ def phase_delivery(s: Settings, procs: Procs, workdir: Path, res: Results) -> No
     port = recv.ports[0]
     say("delivery: starting pusherd")
     daemon = Daemon(procs, workdir, "delivery", {"timeout": "300s", "lease": "600s"})
+    backlog: Backlog | None = None
     try:
         org = str(uuid.uuid4())
         token = daemon.token(org)
@@ -584,7 +586,12 @@ def phase_delivery(s: Settings, procs: Procs, workdir: Path, res: Results) -> No
                 f"e2e run {i + 1}: 202->receiver p50 {pct(from_ack, 50):.2f} ms,"
                 f" p99 {pct(from_ack, 99):.2f} ms (offered {out['achieved_rate']:.0f}/s)"
             )
-        # deliver_rps: drain 20k pre-ingested deliveries; baseline interleaved
+        # The backlog lives in a second daemon with its own receiver process, so that each
+        # backlog window is taken right after an empty-queue deliver run: both see the same
+        # moment of this shared machine.
+        backlog = Backlog(s, procs, workdir)
+        backlog.fill(res)
+        # deliver_rps: drain 20k pre-ingested deliveries; baseline and backlog window interleaved
         for i in range(s.runs):
             rate = drain_run(daemon, recv, port, org, s.deliver_n, f"dl{i}", 300)
             res.add("deliver_rps", rate)
@@ -599,55 +606,70 @@ def phase_delivery(s: Settings, procs: Procs, workdir: Path, res: Results) -> No
                 f"deliver run {i + 1}: pusherd {rate:.0f}/s,"
                 f" baseline {res.samples['deliver_baseline_rps'][-1]:.0f}/s"
             )
-        phase_backlog(s, daemon, recv, port, org, res)
+            backlog.window(i, res)
     finally:
         daemon.stop()
         procs.stop(recv.proc)
+        if backlog is not None:
+            backlog.stop()
 
 
-def phase_backlog(
-    s: Settings, daemon: Daemon, recv: Receiver, port: int, org: str, res: Results
-) -> None:
-    """Fill the backlog with the receiver stopped, then drain windows of s.window each."""
-    total = s.backlog + (s.runs - 1) * s.window  # the last window starts at s.backlog
-    say(f"backlog: filling {total:,} deliveries (receiver stopped)")
-    recv.reset(port)
-    recv.pause()
-    peak_fill = 0.0
-    start = time.monotonic()
-    try:
+class Backlog:
+    """A daemon whose outbox holds s.backlog pending deliveries, drained a window at a time."""
+
+    def __init__(self, s: Settings, procs: Procs, workdir: Path) -> None:
+        self.s, self.procs = s, procs
+        self.recv = Receiver(procs, ports=1)
+        self.port = self.recv.ports[0]
+        say("backlog: starting a second pusherd")
+        self.daemon = Daemon(procs, workdir, "backlog", {"timeout": "300s", "lease": "600s"})
+        self.org = str(uuid.uuid4())
+        self.daemon.subscribe(self.daemon.token(self.org), self.recv.url(self.port))
+        self.base = 0
+
+    def fill(self, res: Results) -> None:
+        """Fill the outbox with its receiver stopped; it stays stopped between windows."""
+        s, recv = self.s, self.recv
+        total = s.backlog + s.runs * s.window  # the last window starts at s.backlog
+        say(f"backlog: filling {total:,} deliveries (receiver stopped)")
+        recv.reset(self.port)
+        recv.pause()
+        peak_fill = 0.0
+        start = time.monotonic()
         chunk = 100_000
         for i in range(0, total, chunk):
-            fill(daemon.events_url, org, min(chunk, total - i), f"bl{i}")
-            peak_fill = max(peak_fill, daemon.rss_mb())
-    except BaseException:
-        recv.resume()
-        raise
-    fill_rate = total / (time.monotonic() - start)
-    res.notes["backlog_fill_eps"] = f"{fill_rate:.0f}"
-    res.notes["backlog_rss_after_fill_mb"] = f"{peak_fill:.0f}"
-    say(f"backlog: filled at {fill_rate:.0f} ev/s, RSS {peak_fill:.0f} MiB")
-    base = 0
-    for i in range(s.runs):
-        if i:
-            recv.pause()
-            time.sleep(1.0)
+            fill(self.daemon.events_url, self.org, min(chunk, total - i), f"bl{i}")
+            peak_fill = max(peak_fill, self.daemon.rss_mb())
+        fill_rate = total / (time.monotonic() - start)
+        res.notes["backlog_fill_eps"] = f"{fill_rate:.0f}"
+        res.notes["backlog_rss_after_fill_mb"] = f"{peak_fill:.0f}"
+        say(f"backlog: filled at {fill_rate:.0f} ev/s, RSS {peak_fill:.0f} MiB")
+
+    def window(self, i: int, res: Results) -> None:
+        """Resume the receiver for s.window deliveries, stop it again; record rate and RSS."""
+        s, recv, daemon = self.s, self.recv, self.daemon
         peak = daemon.rss_mb()
         t0 = recv.resume()
-        target = base + s.window
+        target = self.base + s.window
         deadline = time.monotonic() + 300
-        while recv.stats(port)["count"] < target:
+        while recv.stats(self.port)["count"] < target:
             peak = max(peak, daemon.rss_mb())
             if time.monotonic() > deadline:
                 raise TimeoutError("backlog window did not drain")
             time.sleep(0.1)
         peak = max(peak, daemon.rss_mb())
-        t_n = float(recv.stats(port, at=target)["at"])
-        base = recv.stats(port)["count"]
+        t_n = float(recv.stats(self.port, at=target)["at"])
+        self.base = recv.stats(self.port)["count"]
+        recv.pause()  # (its control port does not answer while it is stopped)
         rate = s.window / (t_n - t0)
         res.add("backlog_window_rps", rate)
         res.add("backlog_rss_mb", peak)
         say(f"backlog window {i + 1}: {rate:.0f}/s, peak RSS {peak:.0f} MiB")
+
+    def stop(self) -> None:
+        self.recv.resume()
+        self.daemon.stop()
+        self.procs.stop(self.recv.proc)
 
 
 def phase_isolation(s: Settings, procs: Procs, workdir: Path, res: Results) -> None:
