@@ -123,6 +123,7 @@ async def test_request_line_headers_and_body_are_what_the_receiver_parses(
     assert headers["host"] == f"127.0.0.1:{server.port}"
     assert headers["content-type"] == "application/json"
     assert headers["user-agent"].startswith("pusherd/")
+    assert headers["accept-encoding"] == "identity"  # an answer's body is logged as text
     assert int(headers["content-length"]) == len(body)
     assert headers["webhook-id"] == "00000000-0000-1000-8000-000000000000"
     assert json.loads(body)["payload"] == '{"n": 1}'

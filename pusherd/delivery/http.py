@@ -84,6 +84,7 @@ def target(url: str, user_agent: str) -> Target:
         f"Host: {host_header}\r\n"
         f"User-Agent: {user_agent}\r\n"
         "Accept: */*\r\n"
+        "Accept-Encoding: identity\r\n"  # the attempt log keeps the answer's text as sent
         "Content-Type: application/json\r\n"
     ).encode("ascii")
     return Target((u.scheme, host, port), host, port, u.scheme == "https", head)
