@@ -96,16 +96,11 @@ def http(
         return exc.code, dict(exc.headers), exc.read()
 
 
-@dataclass
-class Service:
-    """A running `pusherd serve`."""
+class Listeners:
+    """The base URLs of a daemon's two listeners (api_port and ingest_port on loopback)."""
 
-    config: Path
     api_port: int
     ingest_port: int
-    log_path: Path
-    proc: subprocess.Popen[bytes]
-    _log: IO[bytes] = field(repr=False)
 
     @property
     def api(self) -> str:
@@ -114,6 +109,18 @@ class Service:
     @property
     def ingest(self) -> str:
         return f"http://127.0.0.1:{self.ingest_port}"
+
+
+@dataclass
+class Service(Listeners):
+    """A running `pusherd serve`."""
+
+    config: Path
+    api_port: int
+    ingest_port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes]
+    _log: IO[bytes] = field(repr=False)
 
     def healthy(self) -> bool:
         """Both listeners answer /healthz with 200."""

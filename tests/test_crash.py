@@ -19,13 +19,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import ORG, Receiver
-from tests.service import free_port, run_cli_async
+from tests.service import Listeners, free_port, run_cli_async
 
 PRODUCT = "READ:PRODUCT"
 
 
 @dataclass
-class Daemon:
+class Daemon(Listeners):
     """`pusherd serve` as a real subprocess on free loopback ports, database in tmp_path."""
 
     tmp_path: Path
@@ -38,14 +38,6 @@ class Daemon:
     @property
     def config_path(self) -> Path:
         return self.tmp_path / "pusherd.toml"
-
-    @property
-    def api(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
-
-    @property
-    def ingest(self) -> str:
-        return f"http://127.0.0.1:{self.ingest_port}"
 
     def write_config(self) -> None:
         delivery = {

@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
+from pusherd.delivery.dispatcher import Dispatcher
 from pusherd.store.models import ClaimedDelivery, NewEvent
 from tests.conftest import ORG, Harness, Receiver
 from tests.service import free_port
@@ -297,6 +298,14 @@ async def test_fresh_deliveries_arrive_in_ingest_order_with_one_attempt_each(
     assert rows == [("delivered", 1, 1)] * 51
 
 
+async def subscribed_and_idle(h: Harness, receiver: Receiver) -> tuple[dict[str, Any], Dispatcher]:
+    """Subscribe the receiver, let its TestMessage go out; the subscription and dispatcher."""
+    sub = await h.subscribe(h.token(), receiver.url)
+    await receiver.wait_for(1, "TestMessage")
+    await h.idle()
+    return sub, h.runtime.dispatcher
+
+
 async def test_rows_an_ingest_left_in_the_table_wait_for_the_ones_it_hands_over(
     harness: Harness, receiver: Receiver
 ) -> None:
@@ -304,10 +313,7 @@ async def test_rows_an_ingest_left_in_the_table_wait_for_the_ones_it_hands_over(
     # in the table (no room). Between its commit and the hand-over, a slot frees up: the
     # claim loop must not send a row of the table ahead of the rows being handed over.
     h = harness
-    sub = await h.subscribe(h.token(), receiver.url)
-    await receiver.wait_for(1, "TestMessage")
-    await h.idle()
-    d = h.runtime.dispatcher
+    sub, d = await subscribed_and_idle(h, receiver)
     origin = d._sub_origin[sub["uuid"]]
     origin.promised += 1  # one slot held, as by an attempt in flight
     taking = d.taking()
@@ -333,10 +339,7 @@ async def test_a_hand_over_given_up_on_before_its_write_holds_nothing_back(
     # shared write asks wants(). Nothing may stay promised, or the subscription would never
     # be claimed from again.
     h = harness
-    sub = await h.subscribe(h.token(), receiver.url)
-    await receiver.wait_for(1, "TestMessage")
-    await h.idle()
-    d = h.runtime.dispatcher
+    sub, d = await subscribed_and_idle(h, receiver)
     taking = d.taking()
     d.accept(taking, [])
     assert not taking.wants(sub["uuid"])

@@ -30,18 +30,20 @@ class RawServer:
         self.server: asyncio.Server | None = None
         self.port = 0
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+    async def start(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
+        self.server = await asyncio.start_server(self._serve, host, 0, ssl=tls)
         self.port = self.server.sockets[0].getsockname()[1]
+        self.authority = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        self.scheme = "https" if tls else "http"
 
     def url(self, path: str = "/hook") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://{self.authority}{path}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
             await self.handler(self, reader, writer)
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
             pass
         finally:
             writer.close()
@@ -55,12 +57,14 @@ class RawServer:
 
 
 @pytest.fixture
-async def raw() -> AsyncIterator[Callable[[Handler], Awaitable[RawServer]]]:
+async def raw() -> AsyncIterator[Callable[..., Awaitable[RawServer]]]:
     servers: list[RawServer] = []
 
-    async def make(handler: Handler) -> RawServer:
+    async def make(
+        handler: Handler, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None
+    ) -> RawServer:
         s = RawServer(handler)
-        await s.start()
+        await s.start(host, tls)
         servers.append(s)
         return s
 
@@ -414,29 +418,13 @@ def ca() -> trustme.CA:
     return trustme.CA()
 
 
-async def tls_server(ca: trustme.CA, name: str) -> tuple[asyncio.Server, int]:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert(name).configure_cert(ctx)
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-                await reader.readexactly(int(length.group(1)) if length else 0)
-                writer.write(OK)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
-    return server, server.sockets[0].getsockname()[1]
-
-
-async def test_https_verifies_the_certificate_and_the_host_name(ca: trustme.CA) -> None:
-    server, port = await tls_server(ca, "localhost")
+async def test_https_verifies_the_certificate_and_the_host_name(
+    raw: Callable[..., Awaitable[RawServer]], ca: trustme.CA
+) -> None:
+    certified = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(certified)
+    server = await raw(answering(), tls=certified)
+    port = server.port
     trusting = ssl.create_default_context()
     ca.configure_trust(trusting)
     clients = [
@@ -456,30 +444,18 @@ async def test_https_verifies_the_certificate_and_the_host_name(ca: trustme.CA) 
     finally:
         for c in clients:
             await c.close()
-        server.close()
+    assert len(server.requests) == 1  # only the verified connection carried a request
 
 
-async def test_ipv6_literal_destination_gets_a_bracketed_host_header(sender: Sender) -> None:
-    heads: list[bytes] = []
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-        await reader.readexactly(int(length.group(1)) if length else 0)
-        heads.append(head)
-        writer.write(OK)
-        await writer.drain()
-        writer.close()
-
+async def test_ipv6_literal_destination_gets_a_bracketed_host_header(
+    raw: Callable[..., Awaitable[RawServer]], sender: Sender
+) -> None:
     try:
-        server = await asyncio.start_server(handle, "::1", 0)
+        server = await raw(answering(), host="::1")
     except OSError:
         pytest.skip("no IPv6 loopback on this machine")
-    port = server.sockets[0].getsockname()[1]
-    try:
-        outcome = await sender.send(delivery(f"http://[::1]:{port}/v6?x=1"))
-    finally:
-        server.close()
+    outcome = await sender.send(delivery(server.url("/v6?x=1")))
     assert outcome.status_code == 200
-    assert heads[0].startswith(b"POST /v6?x=1 HTTP/1.1\r\n")
-    assert f"\r\nHost: [::1]:{port}\r\n".encode() in heads[0]
+    head = server.requests[0][0]
+    assert head.startswith(b"POST /v6?x=1 HTTP/1.1\r\n")
+    assert f"\r\nHost: [::1]:{server.port}\r\n".encode() in head

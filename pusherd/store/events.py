@@ -6,6 +6,7 @@ import asyncio
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Protocol
 
 import orjson
@@ -35,15 +36,22 @@ def _chunks(rows: list[tuple[object, ...]]) -> Iterator[list[tuple[object, ...]]
             i += size
 
 
+@lru_cache(maxsize=64)
+def _multi_row_sql(head: str, width: int, rows: int, tail: str) -> str:
+    """INSERT text for `rows` rows of `width` values (a few shapes, built once each)."""
+    values = ", ".join(["(" + ", ".join("?" * width) + ")"] * rows)
+    return f"{head} VALUES {values} {tail}"
+
+
 def _insert_many(
     conn: sqlite3.Connection, head: str, width: int, tail: str, rows: list[tuple[object, ...]]
 ) -> list[Any]:
     """Multi-row INSERTs (rows are written in list order); the RETURNING rows of all of them."""
     out: list[Any] = []
     for chunk in _chunks(rows):
-        values = ", ".join(["(" + ", ".join("?" * width) + ")"] * len(chunk))
         params = [v for row in chunk for v in row]
-        out.extend(conn.execute(f"{head} VALUES {values} {tail}", params).fetchall())
+        sql = _multi_row_sql(head, width, len(chunk), tail)
+        out.extend(conn.execute(sql, params).fetchall())
     return out
 
 
