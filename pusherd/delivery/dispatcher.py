@@ -1,10 +1,12 @@
 """The dispatcher: claim due deliveries with a lease and run attempts within the limits.
 
-Deliveries are claimed per subscription, and only for destinations (origins) that have room: an
-origin keeps at most `per_destination` attempts in flight and a short queue of claimed rows ready
-behind them. A slow origin therefore never holds rows another origin could send, and the process
-never reads more of the queue than it can send. The whole process keeps at most `max_in_flight`
-attempts under way.
+Each cycle asks the store once for what is due, telling it how much room every known
+destination (origin) has: an origin keeps at most `per_destination` attempts in flight and a
+short queue of claimed rows ready behind them, and one without room is skipped by the claim. The
+store reads the due end of its queues index (one row per subscription with its next due time),
+so a cycle costs what is due, not the number of subscriptions. A slow origin never holds rows
+another origin could send, and the process never reads more of the queue than it can send. The
+whole process keeps at most `max_in_flight` attempts under way.
 
 A per-origin circuit breaker pauses an origin after consecutive failures: its subscriptions are not
 claimed from at all until the pause ends (so a dead receiver with a large backlog costs nothing),
@@ -38,9 +40,7 @@ from pusherd.store.models import AttemptRecord, ClaimedDelivery, StatusChange
 
 log = structlog.get_logger("pusherd.delivery")
 
-POLL_S = 1.0
-NOTHING_DUE = 2**62  # a due time that never comes
-TARGETS_MAX_AGE_S = 5.0  # subscriptions are re-read at least this often (changes made elsewhere)
+POLL_S = 1.0  # rows queued by other means (another process, the CLI) are found this soon
 QUEUE_FACTOR = 3  # claimed rows ready behind an origin's in-flight attempts, per slot
 BREAKER_THRESHOLD = 5
 BREAKER_FIRST_PAUSE_S = 30.0
@@ -108,11 +108,8 @@ class Origin:
     name: str
     breaker: Breaker
     in_flight: int = 0
-    promised: int = 0  # fresh deliveries an ingest is handing over (not committed yet)
     sending: int = 0  # attempts started whose request is not on the wire yet
     waiting: deque[ClaimedDelivery] = field(default_factory=deque)
-    subscriptions: list[str] = field(default_factory=list)
-    turn: int = 0  # round-robin start among its subscriptions
     in_flight_gauge: Any = None  # this origin's children of the labelled gauges
     circuit_gauge: Any = None
 
@@ -127,54 +124,13 @@ class Origin:
         return self.free(per_destination)
 
     def free(self, per_destination: int) -> int:
-        """Room left for rows in flight, ready, or being handed over."""
-        held = self.in_flight + len(self.waiting) + self.promised
+        """Room left for rows in flight or ready."""
+        held = self.in_flight + len(self.waiting)
         return per_destination * (1 + QUEUE_FACTOR) - held
 
 
-class Taking:
-    """One ingest's hand-over: which fresh deliveries go straight to the dispatcher."""
-
-    def __init__(self, dispatcher: Dispatcher) -> None:
-        self.dispatcher = dispatcher
-        self.owner = dispatcher.owner
-        self.lease_ms = dispatcher.lease_ms
-        self.promises: list[tuple[Origin, str]] = []
-        self.missed: set[str] = set()  # subscriptions that got a row the usual way
-        self.closed = False
-
-    def wants(self, subscription: str) -> bool:
-        """Take it when its origin has room and no older delivery of it may be due."""
-        d = self.dispatcher
-        if self.closed:  # accept() already ran: its ingest was given up on before this write
-            d._quiet.pop(subscription, None)
-            d._wake.set()
-            return False
-        origin = d._sub_origin.get(subscription)
-        quiet_until = d._quiet.get(subscription)
-        if (
-            origin is None
-            or d._stop.is_set()
-            or quiet_until is None
-            or quiet_until <= now_ms()
-            or origin.breaker.tripped()
-            or origin.free(d.config.per_destination) <= 0
-        ):
-            d._quiet.pop(subscription, None)  # a due row is now in the table: probe it
-            self.missed.add(subscription)
-            return False
-        origin.promised += 1
-        d._handing[subscription] = d._handing.get(subscription, 0) + 1
-        self.promises.append((origin, subscription))
-        return True
-
-
 class Dispatcher:
-    """Claims due deliveries and sends them, woken by ingest with a poll as a fallback.
-
-    Fresh deliveries skip the claim: ingest creates them leased to this dispatcher when their
-    origin has room and nothing older of their subscription is due (see Taking).
-    """
+    """Claims due deliveries and sends them, woken by ingest with a poll as a fallback."""
 
     def __init__(
         self,
@@ -197,7 +153,6 @@ class Dispatcher:
         self.disable_after_ms = int(config.disable_after * 1000)
         self.breaker_pause_s = breaker_pause_s
         self._origins: dict[str, Origin] = {}
-        self._targets_at = -TARGETS_MAX_AGE_S  # monotonic time of the last read
         self._held: set[int] = set()  # ids claimed by us: waiting, in flight or being recorded
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
@@ -206,14 +161,6 @@ class Dispatcher:
         self._stopping: asyncio.Future[None] | None = None
         self._in_flight = 0
         self._gone: set[str] = set()  # answered 410, not yet recorded DISABLED
-        self._sub_origin: dict[str, Origin] = {}
-        # subscription -> earliest due time of its pending rows as last probed (a large number
-        # when none); absent: unknown, probe before claiming. Cleared at least every POLL_S.
-        self._quiet: dict[str, int] = {}
-        # subscription -> deliveries an ingest is handing over (committed or not): its other
-        # rows are not claimed meanwhile, or a newer one could leave before them.
-        self._handing: dict[str, int] = {}
-        self._probed_all_at = 0.0
         # Labelled metric children looked up once: labels() is costly on the hot path.
         self._outcomes = {
             o: metrics.attempts.labels(outcome=o)
@@ -228,36 +175,9 @@ class Dispatcher:
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     def wake(self, everything: bool = False) -> None:
-        """New work may be due; `everything`: rows were queued behind the ingest path's back
-        (test sends, retries, replays), so every subscription is probed again."""
-        if everything:
-            self._quiet.clear()
+        """New work may be due (ingest committed, rows re-queued): claim without waiting for
+        the poll. `everything` is accepted for older callers; every claim looks at all queues."""
         self._wake.set()
-
-    def taking(self) -> Taking:
-        """A hand-over for one ingest (pass it to Store.ingest, then to accept())."""
-        return Taking(self)
-
-    def accept(self, taking: Taking, handed: list[ClaimedDelivery]) -> None:
-        """Take the deliveries an ingest committed leased to us (none if its write failed)."""
-        taking.closed = True
-        wake = bool(taking.missed or handed or taking.promises)
-        for origin, sub in taking.promises:
-            origin.promised -= 1
-            left = self._handing[sub] - 1
-            if left:
-                self._handing[sub] = left
-            else:
-                del self._handing[sub]
-        taking.promises.clear()
-        # A probe may have run between wants() and the commit and found nothing yet.
-        for sub in taking.missed:
-            self._quiet.pop(sub, None)
-        taking.missed.clear()
-        if handed:
-            self._dispatch(handed)
-        if wake:
-            self._wake.set()  # rows it did not take, or ones held back by its promises
 
     async def refresh_subscription(self, subscription: str) -> int:
         """A subscription changed (destination, key, status) or was deleted.
@@ -271,8 +191,6 @@ class Dispatcher:
             if mine:
                 origin.waiting = deque(d for d in origin.waiting if d.subscription != subscription)
                 ids.extend(mine)
-        self._targets_at = -TARGETS_MAX_AGE_S
-        self._quiet.clear()
         await self._release(ids)
         self._wake.set()
         return len(ids)
@@ -313,24 +231,18 @@ class Dispatcher:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.wake()
-            if not self._held and not self._anything_due():
+            if not self._held and not await self._anything_due():
                 await asyncio.sleep(0.02)
-                if not self._held and not self._anything_due():
+                if not self._held and not await self._anything_due():
                     return
             await asyncio.sleep(0.01)
         raise TimeoutError("dispatcher did not become idle")
 
-    def _anything_due(self) -> bool:
-        self._load_targets(force=True)
-        wall_ms, now = now_ms(), time.monotonic()
-        for origin in self._origins.values():
-            if origin.breaker.paused(now):
-                continue
-            for sub in origin.subscriptions:
-                due = self.store.next_due(sub)
-                if due is not None and due <= wall_ms:
-                    return True
-        return False
+    async def _anything_due(self) -> bool:
+        now = time.monotonic()
+        paused = [o.name for o in self._origins.values() if o.breaker.paused(now)]
+        due = await self.store.due_at(paused)
+        return due is not None and due <= now_ms()
 
     # -- claim loop ------------------------------------------------------------------------
 
@@ -350,71 +262,28 @@ class Dispatcher:
             else:
                 await asyncio.sleep(0)  # let attempts start before claiming more
 
-    def _load_targets(self, force: bool = False) -> None:
-        """Group the live, not DISABLED subscriptions by origin."""
-        now = time.monotonic()
-        if not force and now - self._targets_at < TARGETS_MAX_AGE_S:
-            return
-        self._targets_at = now
-        for origin in self._origins.values():
-            origin.subscriptions = []
-        self._sub_origin = {}
-        for uuid, destination in self.store.dispatch_targets():
-            if uuid not in self._gone:
-                origin = self._origin(destination)
-                origin.subscriptions.append(uuid)
-                self._sub_origin[uuid] = origin
-
     async def _cycle(self) -> float:
-        """Claim for every origin with room; return how long to wait (0: go again now)."""
-        self._load_targets()
+        """One claim for every origin with room; return how long to wait (0: go again now)."""
         now, wall_ms = time.monotonic(), now_ms()
-        if now - self._probed_all_at >= POLL_S:
-            # Rows may be queued by other means (another process, the CLI): look again.
-            self._probed_all_at = now
-            self._quiet.clear()
-        budget = self.config.max_in_flight * (1 + QUEUE_FACTOR) - len(self._held)
         next_ms = wall_ms + int(POLL_S * 1000)
-        wants: list[tuple[str, int]] = []
+        per_destination = self.config.per_destination
+        room: dict[str, int] = {}
         for origin in self._origins.values():
             if origin.breaker.paused(now):
                 resume_ms = wall_ms + int((origin.breaker.open_until - now) * 1000) + 1
                 next_ms = min(next_ms, resume_ms)
-                continue
-            room = min(origin.room(self.config.per_destination, now), budget)
-            if room <= 0 or not origin.subscriptions:
-                continue
-            due_subs = []
-            for sub in origin.subscriptions:
-                if sub in self._handing:
-                    continue  # accept() wakes the loop again
-                due = self._quiet.get(sub)
-                if due is None or due <= wall_ms:
-                    probed = self.store.next_due(sub)
-                    due = NOTHING_DUE if probed is None else probed
-                if due <= wall_ms:
-                    self._quiet.pop(sub, None)
-                    due_subs.append(sub)
-                else:
-                    self._quiet[sub] = due
-                    next_ms = min(next_ms, due)
-            if not due_subs:
-                continue
-            # Share the room among the origin's due subscriptions, starting where it stopped.
-            origin.turn = (origin.turn + 1) % len(due_subs)
-            share = -(-room // len(due_subs))
-            for i in range(len(due_subs)):
-                if room <= 0:
-                    break
-                n = min(share, room)
-                wants.append((due_subs[(origin.turn + i) % len(due_subs)], n))
-                room -= n
-                budget -= n
-        if wants:
-            claimed = await self.store.claim(self.owner, wants, self.lease_ms)
-            self._dispatch(claimed)
-            if len(claimed) >= sum(n for _, n in wants):
-                return 0.0  # there may be more due right now
+            room[origin.name] = origin.room(per_destination, now)
+        budget = self.config.max_in_flight * (1 + QUEUE_FACTOR) - len(self._held)
+        if budget <= 0:
+            return POLL_S  # a finished attempt wakes the loop
+        claim = await self.store.claim(
+            self.owner, room, per_destination * (1 + QUEUE_FACTOR), budget, self.lease_ms
+        )
+        self._dispatch(claim.deliveries)
+        if claim.more:
+            return 0.0  # there may be more due right now
+        if claim.next_due_ms is not None:
+            next_ms = min(next_ms, claim.next_due_ms)
         return max(0.0, (next_ms - now_ms()) / 1000)
 
     async def _wait(self, timeout_s: float) -> None:
@@ -509,13 +378,11 @@ class Dispatcher:
             self._held.discard(i)
         if not ids:
             return
-        self._quiet.clear()  # those rows are due again: probe before handing fresh ones over
         try:
             await self.store.release(self.owner, ids)
         except StoreError as exc:
             # The lease runs out on its own; the rows are claimed again then.
             log.error("release_failed", error=str(exc), deliveries=len(ids))
-        self._quiet.clear()  # again: a probe before the commit saw them still leased
         self._wake.set()
 
     async def _recover(self) -> None:
@@ -617,10 +484,6 @@ class Dispatcher:
         change = await self.store.record_attempt(
             d, self.owner, record, decision.kind, decision.next_attempt_ms, self.disable_after_ms
         )
-        if decision.kind == "retry" and decision.next_attempt_ms is not None:
-            quiet = self._quiet.get(d.subscription)
-            if quiet is not None:  # it is due again then: wake up for it
-                self._quiet[d.subscription] = min(quiet, decision.next_attempt_ms)
         if decision.kind == "delivered":
             self._finished["delivered"].inc()
         elif decision.kind in ("failed", "gone"):

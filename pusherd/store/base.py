@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Protocol
 
 from pusherd.store.deliveries import Finish
-from pusherd.store.events import Matcher, Taker
+from pusherd.store.events import Matcher
 from pusherd.store.models import (
     AttemptRecord,
+    Claim,
     ClaimedDelivery,
     DeliveryCounts,
     DeliveryView,
@@ -41,16 +42,18 @@ class Store(Protocol):
         self, organization: str, uuid: str, new_key: str, keep_old_ms: int
     ) -> bool: ...
 
-    async def ingest(
-        self, events: Sequence[NewEvent], matches: Matcher, taker: Taker | None = None
-    ) -> list[IngestResult]: ...
+    async def ingest(self, events: Sequence[NewEvent], matches: Matcher) -> list[IngestResult]: ...
     async def send_to(self, event: NewEvent, subscriptions: Sequence[str]) -> IngestResult: ...
 
-    def dispatch_targets(self) -> list[tuple[str, str]]: ...
-    def next_due(self, subscription: str) -> int | None: ...
+    async def due_at(self, blocked: Collection[str] = ()) -> int | None: ...
     async def claim(
-        self, owner: str, wants: Sequence[tuple[str, int]], lease_ms: int
-    ) -> list[ClaimedDelivery]: ...
+        self,
+        owner: str,
+        room: Mapping[str, int],
+        default_room: int,
+        budget: int,
+        lease_ms: int,
+    ) -> Claim: ...
     async def record_attempt(
         self,
         delivery: ClaimedDelivery,

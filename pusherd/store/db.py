@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 import aiosqlite
 import structlog
 
+from pusherd.store.queues import register_functions
+
 T = TypeVar("T")
 log = structlog.get_logger("pusherd.store")
 
@@ -82,6 +84,7 @@ def migrate(conn: sqlite3.Connection, target: int | None = None) -> int:
     steps = migrations()
     target = len(steps) if target is None else target
     current = check_version(conn)
+    register_functions(conn)
     for version, sql in steps[current:target]:
         conn.execute("BEGIN IMMEDIATE")
         try:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pusherd.clock import now_ms
+from pusherd.store import queues
 from pusherd.store.db import Database, StoreError
 from pusherd.store.models import (
     AttemptRecord,
+    Claim,
     ClaimedDelivery,
     DeliveryCounts,
     DeliveryView,
@@ -21,6 +23,7 @@ from pusherd.store.models import (
 
 Finish = Literal["delivered", "retry", "failed", "gone"]
 RESPONSE_BODY_MAX = 1024
+BLOCKED_IN_SQL = 500  # more origins without room than this are skipped in Python instead
 
 _VIEW = (
     "d.id, d.subscription, e.event_name, d.status, d.attempts, d.created_ms, d.finished_ms,"
@@ -53,6 +56,7 @@ def requeue_finished(
         where.append("status = ?")
         params.append(status)
     cur = conn.execute(f"{_REQUEUE} WHERE {' AND '.join(where)}", (now_ms(), *params))
+    queues.refresh(conn, [subscription])
     return cur.rowcount
 
 
@@ -105,7 +109,78 @@ def _status_change(
         "UPDATE subscriptions SET status = ?, failing_since_ms = ?, updated_ms = ? WHERE uuid = ?",
         (new, None if new == "ACTIVE" else failing_since, now, sub_uuid),
     )
+    queues.sync(conn, sub_uuid)
     return StatusChange(sub_uuid, org, email, destination, old, new, reason)
+
+
+def _subscriptions_of(conn: sqlite3.Connection, ids: Sequence[int]) -> list[str]:
+    marks = ",".join("?" * len(ids))
+    rows = conn.execute(
+        f"SELECT DISTINCT subscription FROM deliveries WHERE id IN ({marks})", tuple(ids)
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def _claim_rows(
+    conn: sqlite3.Connection, owner: str, plan: Sequence[tuple[str, int]], now: int, until: int
+) -> tuple[list[ClaimedDelivery], bool]:
+    """Lease up to n due rows of each (subscription, n) in due order; (rows by id, whether
+    some subscription gave all that was asked: it may have more)."""
+    ids: list[int] = []
+    full = False
+    for subscription, limit in plan:
+        rows = conn.execute(
+            "UPDATE deliveries SET lease_owner = ?, lease_until_ms = ?, due_ms = ?"
+            " WHERE id IN (SELECT id FROM deliveries WHERE subscription = ?"
+            " AND status = 'pending' AND due_ms <= ? ORDER BY due_ms, id LIMIT ?)"
+            " RETURNING id",
+            (owner, until, until, subscription, now, limit),
+        ).fetchall()
+        full = full or len(rows) >= limit
+        ids.extend(r[0] for r in rows)
+    queues.refresh(conn, [sub for sub, _ in plan])
+    if not ids:
+        return [], full
+    ids.sort()
+    marks = ",".join("?" * len(ids))
+    data = conn.execute(
+        "SELECT d.id, d.subscription, d.attempts, d.schedule_pos, e.organization, e.uuid,"
+        " e.event_name, e.message_id, e.payload, e.timestamp, s.destination, s.signing_key,"
+        " s.prev_signing_key, s.prev_key_until_ms, s.status, s.deleted_ms"
+        " FROM deliveries d JOIN events e ON e.seq = d.event_seq"
+        " JOIN subscriptions s ON s.uuid = d.subscription"
+        f" WHERE d.id IN ({marks}) ORDER BY d.id",
+        ids,
+    ).fetchall()
+    out, dead = [], []
+    for r in data:
+        if r[14] == "DISABLED" or r[15] is not None:
+            dead.append((now, now, r[0]))  # left pending for close_pending()
+            continue
+        keys = (r[11],) if r[12] is None or (r[13] or 0) <= now else (r[11], r[12])
+        out.append(
+            ClaimedDelivery(
+                id=r[0],
+                subscription=r[1],
+                attempts=r[2],
+                schedule_pos=r[3],
+                organization=r[4],
+                message_uuid=r[5],
+                event_name=r[6],
+                message_id=r[7],
+                payload=r[8],
+                timestamp=r[9],
+                destination=r[10],
+                signing_keys=keys,
+            )
+        )
+    if dead:
+        conn.executemany(
+            f"UPDATE deliveries SET due_ms = {_DUE_AGAIN}, lease_owner = NULL,"
+            " lease_until_ms = NULL WHERE id = ?",
+            dead,
+        )
+    return out, full
 
 
 @dataclass
@@ -125,90 +200,86 @@ class DeliveryStore:
     db: Database
     _records: list[_Record]
 
-    def subscriptions_changed(self) -> None:
-        """Forget what depends on subscriptions (EventStore's fan-out cache)."""
+    def subscriptions_changed(self, organization: str) -> None:
+        """Forget what depends on an organization's subscriptions (EventStore's fan-out cache)."""
 
-    def dispatch_targets(self) -> list[tuple[str, str]]:
-        """(uuid, destination) of every subscription deliveries may go to: live, not DISABLED."""
+    async def due_at(self, blocked: Collection[str] = ()) -> int | None:
+        """The earliest next due time of any queue whose origin is not blocked (None: none)."""
+        marks = ",".join("?" * len(blocked))
+        where = f" AND origin NOT IN ({marks})" if blocked else ""
         rows = self.db.read_now(
-            "SELECT uuid, destination FROM subscriptions"
-            " WHERE deleted_ms IS NULL AND status != 'DISABLED' ORDER BY created_ms, uuid"
-        )
-        return [(str(r[0]), str(r[1])) for r in rows]
-
-    def next_due(self, subscription: str) -> int | None:
-        """The earliest due time of a subscription's pending deliveries (one index probe)."""
-        rows = self.db.read_now(
-            "SELECT min(due_ms) FROM deliveries WHERE subscription = ? AND status = 'pending'",
-            (subscription,),
+            f"SELECT min(next_due_ms) FROM queues WHERE next_due_ms IS NOT NULL{where}",
+            tuple(blocked),
         )
         return None if rows[0][0] is None else int(rows[0][0])
 
     async def claim(
-        self, owner: str, wants: Sequence[tuple[str, int]], lease_ms: int
-    ) -> list[ClaimedDelivery]:
-        """Lease up to n due deliveries of each (subscription, n), in due order.
+        self,
+        owner: str,
+        room: Mapping[str, int],
+        default_room: int,
+        budget: int,
+        lease_ms: int,
+    ) -> Claim:
+        """Lease due deliveries within each origin's room and the budget, oldest due first.
 
-        Each is a range of the (subscription, due_ms, id) index, whatever the size of the queue.
+        The due end of the queues index names the subscriptions that have something due (a
+        blocked origin's are skipped); each gets a share of its origin's room, and its rows are
+        taken from its range of the deliveries index in due order. Nothing is written when
+        nothing is due.
         """
+        now = now_ms()
+        plan, more = self._plan(now, room, default_room, budget)
+        if not plan:
+            return Claim([], more, self._next_due_after(now))
 
-        def fn(conn: sqlite3.Connection) -> list[ClaimedDelivery]:
-            now = now_ms()
-            until = now + lease_ms
-            ids: list[int] = []
-            for subscription, limit in wants:
-                rows = conn.execute(
-                    "UPDATE deliveries SET lease_owner = ?, lease_until_ms = ?, due_ms = ?"
-                    " WHERE id IN (SELECT id FROM deliveries WHERE subscription = ?"
-                    " AND status = 'pending' AND due_ms <= ? ORDER BY due_ms, id LIMIT ?)"
-                    " RETURNING id",
-                    (owner, until, until, subscription, now, limit),
-                ).fetchall()
-                ids.extend(r[0] for r in rows)
-            if not ids:
-                return []
-            ids.sort()
-            marks = ",".join("?" * len(ids))
-            data = conn.execute(
-                "SELECT d.id, d.subscription, d.attempts, d.schedule_pos, e.organization, e.uuid,"
-                " e.event_name, e.message_id, e.payload, e.timestamp, s.destination, s.signing_key,"
-                " s.prev_signing_key, s.prev_key_until_ms, s.status, s.deleted_ms"
-                " FROM deliveries d JOIN events e ON e.seq = d.event_seq"
-                " JOIN subscriptions s ON s.uuid = d.subscription"
-                f" WHERE d.id IN ({marks}) ORDER BY d.id",
-                ids,
-            ).fetchall()
-            out, dead = [], []
-            for r in data:
-                if r[14] == "DISABLED" or r[15] is not None:
-                    dead.append((now, now, r[0]))  # changed since the targets were read
-                    continue
-                keys = (r[11],) if r[12] is None or (r[13] or 0) <= now else (r[11], r[12])
-                out.append(
-                    ClaimedDelivery(
-                        id=r[0],
-                        subscription=r[1],
-                        attempts=r[2],
-                        schedule_pos=r[3],
-                        organization=r[4],
-                        message_uuid=r[5],
-                        event_name=r[6],
-                        message_id=r[7],
-                        payload=r[8],
-                        timestamp=r[9],
-                        destination=r[10],
-                        signing_keys=keys,
-                    )
-                )
-            if dead:  # left pending for close_pending(), which finishes them in batches
-                conn.executemany(
-                    f"UPDATE deliveries SET due_ms = {_DUE_AGAIN}, lease_owner = NULL,"
-                    " lease_until_ms = NULL WHERE id = ?",
-                    dead,
-                )
-            return out
+        def fn(conn: sqlite3.Connection) -> tuple[list[ClaimedDelivery], bool]:
+            return _claim_rows(conn, owner, plan, now, now + lease_ms)
 
-        return await self.db.write(fn, durable=False)
+        claimed, full = await self.db.write(fn, durable=False)
+        return Claim(claimed, more or full, self._next_due_after(now))
+
+    def _plan(
+        self, now: int, room: Mapping[str, int], default_room: int, budget: int
+    ) -> tuple[list[tuple[str, int]], bool]:
+        """(subscription, how many) to claim, and whether due queues were left unread."""
+        if budget <= 0:
+            return [], False
+        blocked = [o for o, n in room.items() if n <= 0]
+        where = ""
+        if 0 < len(blocked) <= BLOCKED_IN_SQL:
+            where = f" AND origin NOT IN ({','.join('?' * len(blocked))})"
+        else:
+            blocked = []
+        limit = budget + 16
+        rows = self.db.read_now(
+            f"SELECT subscription, origin FROM queues WHERE next_due_ms <= ?{where}"
+            " ORDER BY next_due_ms LIMIT ?",
+            (now, *blocked, limit),
+        )
+        by_origin: dict[str, list[str]] = {}
+        for sub, origin in rows:
+            by_origin.setdefault(origin, []).append(sub)
+        plan: list[tuple[str, int]] = []
+        for origin, subs in by_origin.items():
+            left = min(room.get(origin, default_room), budget)
+            if left <= 0:
+                continue
+            share = -(-left // len(subs))  # the origin's room, shared among its due queues
+            for sub in subs:
+                n = min(share, left)
+                if n <= 0:
+                    break
+                plan.append((sub, n))
+                left -= n
+                budget -= n
+            if budget <= 0:
+                break
+        return plan, len(rows) >= limit
+
+    def _next_due_after(self, now: int) -> int | None:
+        rows = self.db.read_now("SELECT min(next_due_ms) FROM queues WHERE next_due_ms > ?", (now,))
+        return None if rows[0][0] is None else int(rows[0][0])
 
     async def record_attempt(
         self,
@@ -301,6 +372,7 @@ class DeliveryStore:
             " WHERE id = ? AND status = 'pending' AND lease_owner = ?",
             updates,
         )
+        queues.refresh(conn, [r.delivery.subscription for r in batch])
         changes: list[StatusChange | None] = []
         for r in batch:
             change = _status_change(
@@ -312,7 +384,7 @@ class DeliveryStore:
                 disable_after_ms=r.disable_after_ms,
             )
             if change is not None:
-                self.subscriptions_changed()
+                self.subscriptions_changed(change.organization)
             changes.append(change)
 
         return changes
@@ -329,6 +401,7 @@ class DeliveryStore:
                 f" due_ms = {_DUE_AGAIN} WHERE id = ? AND status = 'pending' AND lease_owner = ?",
                 [(now, now, i, owner) for i in ids],
             )
+            queues.refresh(conn, _subscriptions_of(conn, ids))
 
         await self.db.write(fn, urgent=False, durable=False)
 
@@ -364,6 +437,7 @@ class DeliveryStore:
                 " AND status = 'pending' LIMIT ?)",
                 (status, now_ms(), error, subscription, batch),
             )
+            queues.refresh(conn, [subscription])
             return status, cur.rowcount
 
         return await self.db.write(fn)
@@ -387,6 +461,11 @@ class DeliveryStore:
         def fn(conn: sqlite3.Connection) -> int:
             freed = 0
             for owner in dead:
+                subs = conn.execute(
+                    "SELECT DISTINCT subscription FROM deliveries WHERE status = 'pending'"
+                    " AND due_ms > ? AND lease_owner = ?",
+                    (now, owner),
+                ).fetchall()
                 cur = conn.execute(
                     f"UPDATE deliveries SET due_ms = {_DUE_AGAIN}, lease_owner = NULL,"
                     " lease_until_ms = NULL"
@@ -394,6 +473,7 @@ class DeliveryStore:
                     " AND due_ms > ? AND lease_owner = ?)",
                     (now, now, now, owner),
                 )
+                queues.refresh(conn, [str(r[0]) for r in subs])
                 freed += cur.rowcount
             return freed
 
@@ -413,6 +493,7 @@ class DeliveryStore:
             if row[0] == "pending":
                 return "pending"
             conn.execute(f"{_REQUEUE} WHERE id = ?", (now_ms(), delivery_id))
+            queues.refresh(conn, _subscriptions_of(conn, [delivery_id]))
             return "queued"
 
         return await self.db.write(fn)

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
 from pusherd.clock import iso_ms, now_ms
+from pusherd.store import queues
 from pusherd.store.db import Database
 from pusherd.store.ids import IdSource
-from pusherd.store.models import ClaimedDelivery, IngestResult, NewEvent
+from pusherd.store.models import IngestResult, NewEvent
 
 # (event_name, subscription event_names, subscription scopes) -> wanted?
 Matcher = Callable[[str, Sequence[str], Sequence[str]], bool]
@@ -57,13 +58,10 @@ def _insert_many(
 
 @dataclass
 class Fanout:
-    """One event to insert and the subscriptions it goes to (taken: handed over leased to
-    taker, the dispatcher of the ingest it came with)."""
+    """One event to insert and the subscriptions it goes to."""
 
     event: NewEvent
     subscriptions: Sequence[str]
-    taken: Mapping[str, Target] = field(default_factory=dict)
-    taker: Taker | None = None
 
 
 def insert_events(
@@ -107,15 +105,8 @@ def insert_events(
         seqs.append(seq)
         if seq is None:
             continue
-        taker = f.taker
         for sub in f.subscriptions:
-            if taker is not None and sub in f.taken:
-                # Born leased to the dispatcher that asked for it: no claim needed (its lease
-                # and the dead-owner recovery keep it safe exactly like a claimed row).
-                until = now + taker.lease_ms
-                rows.append((seq, sub, "pending", until, now, taker.owner, until))
-            else:
-                rows.append((seq, sub, "pending", now, now, None, None))
+            rows.append((seq, sub, "pending", now, now, None, None))
     delivery_ids = {
         (seq, sub): i
         for i, seq, sub in _insert_many(
@@ -126,6 +117,7 @@ def insert_events(
             rows,
         )
     }
+    queues.fresh_rows(conn, {str(r[1]) for r in rows}, now)
     results = []
     for f, u, mid, seq in zip(fanouts, uuids, message_ids, seqs, strict=True):
         event = f.event
@@ -138,27 +130,7 @@ def insert_events(
             results.append(IngestResult(original[0], mid, original[1], duplicate=True))
             continue
         ids_of_event = tuple([delivery_ids[(seq, sub)] for sub in f.subscriptions])
-        if not f.taken or f.taker is None:
-            results.append(IngestResult(u, mid, len(ids_of_event), False, ids_of_event))
-            continue
-        handed = tuple(
-            ClaimedDelivery(
-                id=delivery_ids[(seq, sub)],
-                subscription=sub,
-                attempts=0,
-                schedule_pos=0,
-                organization=event.organization,
-                message_uuid=u,
-                event_name=event.event_name,
-                message_id=mid,
-                payload=event.payload,
-                timestamp=event.timestamp or now_iso,
-                destination=target.destination,
-                signing_keys=target.keys(now),
-            )
-            for sub, target in f.taken.items()
-        )
-        results.append(IngestResult(u, mid, len(ids_of_event), False, ids_of_event, handed))
+        results.append(IngestResult(u, mid, len(ids_of_event), False, ids_of_event))
     return results
 
 
@@ -180,40 +152,16 @@ class Target:
     uuid: str
     event_names: list[str]
     scopes: list[str]
-    destination: str
-    signing_key: str = field(repr=False)
-    prev_signing_key: str | None = field(repr=False)
-    prev_key_until_ms: int | None
-
-    def keys(self, now: int) -> tuple[str, ...]:
-        """Signing keys: the current one, then a rotated-out one while it is still valid."""
-        if self.prev_signing_key is None or (self.prev_key_until_ms or 0) <= now:
-            return (self.signing_key,)
-        return (self.signing_key, self.prev_signing_key)
-
-
-class Taker(Protocol):
-    """A dispatcher that takes fresh deliveries straight from ingest, leased to it."""
-
-    owner: str
-    lease_ms: int
-
-    def wants(self, subscription: str) -> bool:
-        """Whether to hand this subscription's new delivery over at once (reserves room)."""
-        ...
 
 
 def _targets(conn: sqlite3.Connection, organization: str) -> list[Target]:
     rows = conn.execute(
-        "SELECT uuid, event_names, scopes, destination, signing_key, prev_signing_key,"
-        " prev_key_until_ms FROM subscriptions"
+        "SELECT uuid, event_names, scopes FROM subscriptions"
         " WHERE organization = ? AND deleted_ms IS NULL AND status != 'DISABLED'"
         " ORDER BY created_ms, uuid",
         (organization,),
     ).fetchall()
-    return [
-        Target(r[0], orjson.loads(r[1]), orjson.loads(r[2]), r[3], r[4], r[5], r[6]) for r in rows
-    ]
+    return [Target(r[0], orjson.loads(r[1]), orjson.loads(r[2])) for r in rows]
 
 
 @dataclass
@@ -235,17 +183,13 @@ class EventStore:
     targets_cache: dict[str, list[Target]]
     ingest_group: IngestGroup | None  # the requests the next group commit writes
 
-    def subscriptions_changed(self) -> None:
-        """Forget cached fan-out targets (call inside the write that changed a subscription)."""
-        self.targets_cache.clear()
+    def subscriptions_changed(self, organization: str) -> None:
+        """Forget an organization's cached fan-out targets (call inside the write that changed
+        one of its subscriptions)."""
+        self.targets_cache.pop(organization, None)
 
-    async def ingest(
-        self, events: Sequence[NewEvent], matches: Matcher, taker: Taker | None = None
-    ) -> list[IngestResult]:
+    async def ingest(self, events: Sequence[NewEvent], matches: Matcher) -> list[IngestResult]:
         """Store events and their deliveries atomically (all or nothing) in a group commit.
-
-        With a taker, deliveries it wants are created leased to it and returned in
-        IngestResult.handed, to be sent without a claim.
 
         Requests that wait for the same group commit are written together, by one multi-row
         statement per table: under load that is two statements per group, not four per
@@ -270,7 +214,7 @@ class EventStore:
             written.add_done_callback(closed)
         first = len(group.fanouts)
         for event in events:
-            group.fanouts.append(Fanout(event, [], {}, taker))
+            group.fanouts.append(Fanout(event, []))
             group.matchers.append(matches)
         assert group.written is not None
         # Shielded: a request given up on must not cancel the others' shared write.
@@ -287,8 +231,6 @@ class EventStore:
                 subs = targets[f.event.organization] = _targets(conn, f.event.organization)
             wanted = [t for t in subs if matches(f.event.event_name, t.event_names, t.scopes)]
             f.subscriptions = [t.uuid for t in wanted]
-            if f.taker is not None:
-                f.taken = {t.uuid: t for t in wanted if f.taker.wants(t.uuid)}
         return insert_events(conn, self.ids, group.fanouts, now_ms())
 
     async def send_to(self, event: NewEvent, subscriptions: Sequence[str]) -> IngestResult:

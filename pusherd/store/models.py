@@ -84,7 +84,6 @@ class IngestResult(NamedTuple):
     deliveries: int
     duplicate: bool
     delivery_ids: tuple[int, ...] = ()
-    handed: tuple[ClaimedDelivery, ...] = ()  # created leased to the ingest's taker
 
 
 @dataclass(frozen=True)
@@ -115,6 +114,15 @@ class ClaimedDelivery:
     destination: str
     # current key first, then a rotated-out one still valid
     signing_keys: tuple[str, ...] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What one claim took, and when to look again."""
+
+    deliveries: list[ClaimedDelivery]
+    more: bool  # something due may have been left for lack of room in this claim: claim again
+    next_due_ms: int | None  # the earliest due time after now of any queue (None: nothing pending)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from pusherd.clock import now_ms
+from pusherd.store import queues
 from pusherd.store.db import Database
 from pusherd.store.events import insert_event
 from pusherd.store.ids import IdSource
@@ -67,8 +68,8 @@ class SubscriptionStore:
     db: Database
     ids: IdSource
 
-    def subscriptions_changed(self) -> None:
-        """Forget what depends on subscriptions (EventStore's fan-out cache)."""
+    def subscriptions_changed(self, organization: str) -> None:
+        """Forget what depends on an organization's subscriptions (EventStore's fan-out cache)."""
 
     async def create_subscription(
         self, new: NewSubscription, welcome: NewEvent | None
@@ -97,9 +98,10 @@ class SubscriptionStore:
                     now,
                 ),
             )
+            queues.sync(conn, new.uuid)
             if welcome is not None:
                 insert_event(conn, self.ids, welcome, now, (new.uuid,))
-            self.subscriptions_changed()
+            self.subscriptions_changed(new.organization)
             sub = get_subscription(conn, new.organization, new.uuid)
             assert sub is not None
             return sub
@@ -158,7 +160,8 @@ class SubscriptionStore:
             conn.execute(
                 f"UPDATE subscriptions SET {', '.join(sets)} WHERE uuid = ?", (*params, uuid)
             )
-            self.subscriptions_changed()
+            queues.sync(conn, uuid)
+            self.subscriptions_changed(organization)
             return get_subscription(conn, organization, uuid)
 
         return await self.db.write(fn)
@@ -174,7 +177,8 @@ class SubscriptionStore:
                 (now, now, uuid, organization),
             )
             # Its pending deliveries are cancelled in batches by close_pending().
-            self.subscriptions_changed()
+            queues.sync(conn, uuid)
+            self.subscriptions_changed(organization)
             return cur.rowcount > 0
 
         return await self.db.write(fn)
@@ -192,7 +196,7 @@ class SubscriptionStore:
                 " WHERE uuid = ? AND organization = ? AND deleted_ms IS NULL",
                 (now + keep_old_ms, new_key, now, uuid, organization),
             )
-            self.subscriptions_changed()
+            self.subscriptions_changed(organization)
             return cur.rowcount > 0
 
         return await self.db.write(fn)
