@@ -9,7 +9,7 @@ from email.message import EmailMessage
 import structlog
 
 from pusherd.config import SmtpConfig
-from pusherd.store.models import StatusChange
+from pusherd.store.types import StatusChange
 
 log = structlog.get_logger("pusherd.notify")
 

@@ -14,7 +14,7 @@ import trustme
 from pusherd.delivery import http
 from pusherd.delivery.http import HttpClient
 from pusherd.delivery.sender import Sender
-from pusherd.store.models import ClaimedDelivery
+from pusherd.store.types import ClaimedDelivery
 
 Handler = Callable[["RawServer", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

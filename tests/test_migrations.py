@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pusherd.store import SqliteStore
-from pusherd.store.db import (
+from pusherd.store.sqlite import SqliteStore
+from pusherd.store.sqlite.db import (
     SchemaTooNewError,
     configure,
     connect_sync,

@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Any
 
-from pusherd.store.models import Claim, NewSubscription
+from pusherd.store.types import Claim, NewSubscription
 from tests.conftest import ORG, Harness
 
 SUBSCRIPTIONS = 3000

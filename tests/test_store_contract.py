@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pusherd.store import Store, open_store
-from pusherd.store.models import (
+from pusherd.store.types import (
     AttemptRecord,
     Claim,
     NewEvent,

@@ -14,7 +14,7 @@ from pusherd.auth import bearer
 from pusherd.clock import parse_iso
 from pusherd.keys import RUNTIME
 from pusherd.metrics import CONTENT_TYPE
-from pusherd.store.models import IngestResult, NewEvent
+from pusherd.store.types import IngestResult, NewEvent
 
 MAX_BATCH = 1000
 MESSAGE_ID_MAX = 200

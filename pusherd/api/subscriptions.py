@@ -18,7 +18,7 @@ from pusherd.catalogue import TEST_MESSAGE, Catalogue
 from pusherd.config import DeliveryConfig
 from pusherd.delivery.netguard import DestinationError, vet_destination
 from pusherd.runtime import Runtime
-from pusherd.store.models import (
+from pusherd.store.types import (
     NewEvent,
     NewSubscription,
     Subscription,

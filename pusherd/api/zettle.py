@@ -12,7 +12,7 @@ from pusherd.auth import resolve_org
 from pusherd.clock import iso_ms
 from pusherd.keys import RUNTIME, request_token
 from pusherd.store import UuidTakenError
-from pusherd.store.models import Subscription, SubscriptionChanges
+from pusherd.store.types import Subscription, SubscriptionChanges
 
 UNPROCESSABLE_FIELDS = frozenset({"destination", "contactEmail"})
 ARRAY_FIELDS = frozenset({"eventNames"})
@@ -103,7 +103,7 @@ async def list_subscriptions(request: web.Request) -> web.Response:
     """GET: the organization's subscriptions."""
     runtime = request.app[RUNTIME]
     org = resolve_org(request, request.match_info["organizationUuid"])
-    return json_response([to_json(s) for s in runtime.store.list_subscriptions(org)])
+    return json_response([to_json(s) for s in await runtime.store.list_subscriptions(org)])
 
 
 async def update_subscription(request: web.Request) -> web.Response:
@@ -113,7 +113,7 @@ async def update_subscription(request: web.Request) -> web.Response:
     org = resolve_org(request, request.match_info["organizationUuid"])
     sub_uuid = _sub_uuid(request)
     f = await _fields(request)
-    if runtime.store.get_subscription(org, sub_uuid) is None:
+    if await runtime.store.get_subscription(org, sub_uuid) is None:
         raise ApiError(404, "no such subscription")
     catalogue = runtime.catalogue
     try:

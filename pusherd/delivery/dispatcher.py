@@ -34,9 +34,9 @@ from pusherd.delivery.retry import Outcome, RetryPolicy
 from pusherd.delivery.sender import Exchange, Sender, origin_of, outcome_label
 from pusherd.log import info_enabled
 from pusherd.metrics import Metrics
-from pusherd.store.base import Store
-from pusherd.store.db import StoreError
-from pusherd.store.models import AttemptRecord, ClaimedDelivery, StatusChange
+from pusherd.store.errors import StoreError
+from pusherd.store.interface import Store
+from pusherd.store.types import AttemptRecord, ClaimedDelivery, StatusChange
 
 log = structlog.get_logger("pusherd.delivery")
 

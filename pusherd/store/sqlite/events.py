@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -12,13 +12,13 @@ from typing import Any
 import orjson
 
 from pusherd.clock import iso_ms, now_ms
-from pusherd.store import queues
-from pusherd.store.db import Database
+from pusherd.store.changes import Change, ChangeFeed
 from pusherd.store.ids import IdSource
-from pusherd.store.models import IngestResult, NewEvent
+from pusherd.store.sqlite import queues
+from pusherd.store.sqlite.db import Database
+from pusherd.store.types import IngestResult, Matcher, NewEvent
 
-# (event_name, subscription event_names, subscription scopes) -> wanted?
-Matcher = Callable[[str, Sequence[str], Sequence[str]], bool]
+_QUEUED = Change("deliveries_queued")
 
 
 CHUNKS = (256, 64, 16, 4, 1)  # multi-row statement sizes: few shapes for the statement cache
@@ -178,6 +178,7 @@ class EventStore:
 
     db: Database
     ids: IdSource
+    changes: ChangeFeed
     # organization -> its deliverable subscriptions; cleared inside every write that changes a
     # subscription, so a write later in the same group commit never sees a stale list.
     targets_cache: dict[str, list[Target]]
@@ -208,8 +209,10 @@ class EventStore:
             def closed(done: asyncio.Future[list[IngestResult]]) -> None:
                 if self.ingest_group is group:  # the write failed before fn ran
                     self.ingest_group = None
-                if not done.cancelled():
-                    done.exception()  # retrieved: each request has its own copy via shield
+                if done.cancelled() or done.exception() is not None:
+                    return  # retrieved: each request has its own copy via shield
+                if any(r.deliveries and not r.duplicate for r in done.result()):
+                    self.changes.announce(_QUEUED)  # once per group commit
 
             written.add_done_callback(closed)
         first = len(group.fanouts)
@@ -239,4 +242,7 @@ class EventStore:
         def fn(conn: sqlite3.Connection) -> IngestResult:
             return insert_event(conn, self.ids, event, now_ms(), subscriptions)
 
-        return await self.db.write(fn)
+        result = await self.db.write(fn)
+        if result.deliveries:
+            self.changes.announce(Change("deliveries_queued", event.organization))
+        return result

@@ -8,11 +8,13 @@ from typing import Any
 import orjson
 
 from pusherd.clock import now_ms
-from pusherd.store import queues
-from pusherd.store.db import Database
-from pusherd.store.events import insert_event
+from pusherd.store.changes import Change, ChangeFeed, ChangeKind
+from pusherd.store.errors import UuidTakenError
 from pusherd.store.ids import IdSource
-from pusherd.store.models import (
+from pusherd.store.sqlite import queues
+from pusherd.store.sqlite.db import Database
+from pusherd.store.sqlite.events import insert_event
+from pusherd.store.types import (
     NewEvent,
     NewSubscription,
     Subscription,
@@ -23,10 +25,6 @@ _COLUMNS = (
     "uuid, organization, transport, event_names, scopes, destination, contact_email, status,"
     " signing_key, prev_signing_key, prev_key_until_ms, created_ms, updated_ms, failing_since_ms"
 )
-
-
-class UuidTakenError(Exception):
-    """A subscription with this uuid exists (or existed)."""
 
 
 def _row(r: tuple[Any, ...]) -> Subscription:
@@ -67,6 +65,7 @@ class SubscriptionStore:
 
     db: Database
     ids: IdSource
+    changes: ChangeFeed
 
     def subscriptions_changed(self, organization: str) -> None:
         """Forget what depends on an organization's subscriptions (EventStore's fan-out cache)."""
@@ -106,9 +105,13 @@ class SubscriptionStore:
             assert sub is not None
             return sub
 
-        return await self.db.write(fn)
+        sub = await self.db.write(fn)
+        self.changes.announce(Change("subscription_created", sub.organization, sub.uuid))
+        if welcome is not None:
+            self.changes.announce(Change("deliveries_queued", sub.organization, sub.uuid))
+        return sub
 
-    def list_subscriptions(self, organization: str) -> list[Subscription]:
+    async def list_subscriptions(self, organization: str) -> list[Subscription]:
         """The organization's live subscriptions, oldest first."""
         rows = self.db.read_now(
             f"SELECT {_COLUMNS} FROM subscriptions"
@@ -117,12 +120,20 @@ class SubscriptionStore:
         )
         return [_row(r) for r in rows]
 
-    def get_subscription(self, organization: str, uuid: str) -> Subscription | None:
+    async def get_subscription(self, organization: str, uuid: str) -> Subscription | None:
         """One live subscription of the organization, or None (another org's is invisible)."""
         rows = self.db.read_now(
             f"SELECT {_COLUMNS} FROM subscriptions"
             " WHERE uuid = ? AND organization = ? AND deleted_ms IS NULL",
             (uuid, organization),
+        )
+        return _row(rows[0]) if rows else None
+
+    async def find_subscription(self, uuid: str) -> Subscription | None:
+        """A live subscription of any organization (operator commands), or None."""
+        rows = self.db.read_now(
+            f"SELECT {_COLUMNS} FROM subscriptions WHERE uuid = ? AND deleted_ms IS NULL",
+            (uuid,),
         )
         return _row(rows[0]) if rows else None
 
@@ -164,7 +175,13 @@ class SubscriptionStore:
             self.subscriptions_changed(organization)
             return get_subscription(conn, organization, uuid)
 
-        return await self.db.write(fn)
+        sub = await self.db.write(fn)
+        if sub is not None:
+            kind: ChangeKind = (
+                "subscription_disabled" if sub.status == "DISABLED" else "subscription_changed"
+            )
+            self.changes.announce(Change(kind, organization, uuid))
+        return sub
 
     async def delete_subscription(self, organization: str, uuid: str) -> bool:
         """Soft-delete it and cancel its pending deliveries; False when there is none."""
@@ -181,7 +198,10 @@ class SubscriptionStore:
             self.subscriptions_changed(organization)
             return cur.rowcount > 0
 
-        return await self.db.write(fn)
+        deleted = await self.db.write(fn)
+        if deleted:
+            self.changes.announce(Change("subscription_deleted", organization, uuid))
+        return deleted
 
     async def rotate_signing_key(
         self, organization: str, uuid: str, new_key: str, keep_old_ms: int
@@ -196,7 +216,9 @@ class SubscriptionStore:
                 " WHERE uuid = ? AND organization = ? AND deleted_ms IS NULL",
                 (now + keep_old_ms, new_key, now, uuid, organization),
             )
-            self.subscriptions_changed(organization)
             return cur.rowcount > 0
 
-        return await self.db.write(fn)
+        rotated = await self.db.write(fn)
+        if rotated:
+            self.changes.announce(Change("key_rotated", organization, uuid))
+        return rotated
