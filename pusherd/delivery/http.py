@@ -2,9 +2,10 @@
 
 A delivery is one request whose answer we only need the status, `Retry-After` and the first KiB of
 the body of, so the client is small: a request is written with a single `transport.write` and the
-answer is read by httptools (llhttp, the parser of Node.js) in an `asyncio.Protocol`. Compared with
-aiohttp's ClientSession this costs about a third of the CPU per request, and because a request on
-an idle connection is written synchronously, the dispatcher decides the order requests leave in.
+answer is read in bounds by a `Connection` (`pusherd.delivery.connection`, httptools). Compared
+with aiohttp's ClientSession this costs about a third of the CPU per request, and because a
+request on an idle connection is written synchronously, the dispatcher decides the order requests
+leave in.
 
 Connections are opened only to vetted addresses (`GuardedResolver`, `check_connect_host`),
 redirects are never followed (an answer is an answer), TLS verifies certificates against the
@@ -20,39 +21,32 @@ import ssl
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import cast
 
-import httptools
 from yarl import URL
 
+from pusherd.delivery.connection import (
+    BODY_KEEP,
+    Answer,
+    Connection,
+    ConnectionLostError,
+    PoolKey,
+    ProtocolError,
+)
 from pusherd.delivery.netguard import GuardedResolver, check_connect_host, looks_like_ip_literal
 
-BODY_KEEP = 1024  # bytes of the answer's body kept for the attempt log
+__all__ = [
+    "BODY_KEEP",
+    "Answer",
+    "Connection",
+    "ConnectionLostError",
+    "HttpClient",
+    "ProtocolError",
+    "Target",
+    "target",
+]
+
 KEEPALIVE_S = 4.0
 DNS_TTL_S = 10.0
-
-PoolKey = tuple[str, str, int]
-
-
-class ProtocolError(Exception):
-    """The destination's answer was not valid HTTP/1.x."""
-
-
-class ConnectionLostError(ConnectionError):
-    """The connection closed before an answer arrived."""
-
-    def __init__(self, before_answer: bool) -> None:
-        super().__init__("connection closed before the answer" if before_answer else "reset")
-        self.before_answer = before_answer  # not a byte of the answer arrived
-
-
-@dataclass(slots=True)
-class Answer:
-    """What a destination answered."""
-
-    status: int
-    retry_after: str | None
-    body: bytes  # at most BODY_KEEP bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,153 +82,6 @@ def target(url: str, user_agent: str) -> Target:
         "Content-Type: application/json\r\n"
     ).encode("ascii")
     return Target((u.scheme, host, port), host, port, u.scheme == "https", head)
-
-
-class Connection(asyncio.Protocol):
-    """One keep-alive connection; at most one exchange at a time."""
-
-    def __init__(self, key: PoolKey, loop: asyncio.AbstractEventLoop) -> None:
-        self.key = key
-        self.loop = loop
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        # As lenient as aiohttp's parser is with answers: bare LF line ends, a space before a
-        # header's colon or after a chunk size. Receivers like that processed the request.
-        self.parser.set_dangerous_leniencies(
-            lenient_headers=True,
-            lenient_optional_cr_before_lf=True,
-            lenient_spaces_after_chunk_size=True,
-        )
-        self.closed = False
-        self.reusable = False
-        self.reused = False  # has carried an exchange before this one
-        self.idle_since = 0.0
-        self.idle_for = 0.0  # how long it had been idle when this exchange took it
-        self.sent_at = 0.0  # loop time the current request was written
-        self._waiter: asyncio.Future[Answer] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._got_bytes = False
-        self._headers_done = False
-        self._status = 0
-        self._retry_after: str | None = None
-        self._body = b""
-
-    # -- asyncio.Protocol ----------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-
-    def data_received(self, data: bytes) -> None:
-        if self._waiter is None:
-            self.close()  # bytes nobody asked for: the connection is in an unknown state
-            return
-        self._got_bytes = True
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(ProtocolError(f"invalid HTTP answer: {exc}"))
-            self.close()
-
-    def eof_received(self) -> bool:
-        return False  # close our side too
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.reusable = False
-        if self._waiter is not None:
-            if self._headers_done:
-                # An answer without a length ends with the connection.
-                self._finish()
-            else:
-                self._fail(ConnectionLostError(before_answer=not self._got_bytes))
-
-    # -- httptools callbacks -------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        if self._waiter is None:
-            # The start of an answer nobody asked for, in the same read as the last one.
-            self.close()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"retry-after":
-            self._retry_after = value.decode("latin-1")
-
-    def on_headers_complete(self) -> None:
-        self._status = self.parser.get_status_code()
-        self._headers_done = True
-
-    def on_body(self, body: bytes) -> None:
-        if self._waiter is None:
-            return
-        if len(self._body) < BODY_KEEP:
-            self._body += body[: BODY_KEEP - len(self._body)]
-        elif body:
-            # More than we keep: not worth reading to the end to reuse the connection.
-            self._finish()
-            self.close()
-
-    def on_message_complete(self) -> None:
-        if self._waiter is None:
-            return
-        if self._status < 200:  # 1xx: the real answer follows
-            self._headers_done = False
-            self._retry_after = None
-            return
-        self.reusable = self.parser.should_keep_alive()
-        self._finish()
-
-    # -- one exchange ----------------------------------------------------------------------
-
-    def send(self, data: bytes, deadline: float) -> asyncio.Future[Answer]:
-        """Write one request now; the future gets the answer, or TimeoutError at deadline.
-
-        On a connection the peer has already closed nothing is written and the future fails
-        at once with ConnectionLostError.
-        """
-        assert self._waiter is None
-        waiter = self._waiter = self.loop.create_future()
-        self._got_bytes = self._headers_done = self.reusable = False
-        self._status, self._retry_after, self._body = 0, None, b""
-        if self.closed or self.transport is None or self.transport.is_closing():
-            self._fail(ConnectionLostError(before_answer=True))
-            return waiter
-        self._timer = self.loop.call_at(deadline, self._timed_out)
-        self.sent_at = self.loop.time()
-        self.transport.write(data)
-        return waiter
-
-    def _finish(self) -> None:
-        waiter, self._waiter = self._waiter, None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(Answer(self._status, self._retry_after, self._body))
-
-    def _fail(self, exc: BaseException) -> None:
-        waiter, self._waiter = self._waiter, None
-        self.reusable = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(exc)
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        self._fail(TimeoutError())
-        self.close()
-
-    def abandon(self) -> None:
-        """The exchange's waiter was cancelled: this connection cannot be trusted again."""
-        self._fail(asyncio.CancelledError())
-        self.close()
-
-    def close(self) -> None:
-        self.reusable = False
-        if self.transport is not None and not self.closed:
-            self.closed = True
-            self.transport.abort()
 
 
 class HttpClient:
