@@ -1,19 +1,21 @@
 """The delivery client against receivers that misbehave on purpose (SPEC §6 "Receivers are
 strangers"): raw loopback servers sending header bombs, endless heads, endless interim answers,
-protocol switches and stalled bodies."""
+protocol switches and stalled bodies, and names whose first address is black-holed."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 import uvloop
+from aiohttp.abc import AbstractResolver, ResolveResult
 
-from pusherd.delivery import connection
+from pusherd.delivery import connection, http
 from pusherd.delivery.http import HttpClient
 from pusherd.delivery.retry import Outcome
 from pusherd.delivery.sender import Sender
@@ -274,3 +276,71 @@ async def test_a_body_up_to_64_kib_is_read_to_reuse_the_connection(
     finally:
         await client.close()
     assert server.connections == connections
+
+
+# -- connections --------------------------------------------------------------------------
+
+
+class FixedResolver(AbstractResolver):
+    """A name server that answers every name with these IPv4 addresses, in this order."""
+
+    def __init__(self, *hosts: str, port: int) -> None:
+        self.hosts = hosts
+        self.port = port
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [
+            ResolveResult(
+                hostname=host, host=h, port=self.port, family=socket.AF_INET, proto=0, flags=0
+            )
+            for h in self.hosts
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def black_hole(host: str, port: int) -> Iterator[None]:
+    """A listening socket whose accept queue is full: the kernel drops further SYNs, so a
+    connection attempt to it neither succeeds nor fails (a black-holed route, on loopback)."""
+    with socket.socket() as listener, socket.socket() as filler:
+        listener.bind((host, port))
+        listener.listen(0)
+        filler.connect((host, port))  # takes the only place in the queue
+        yield
+
+
+async def test_the_addresses_of_a_name_are_raced_past_a_black_holed_first_one(
+    raw: MakeServer,
+) -> None:
+    server = await raw(answering())
+    with black_hole("127.0.0.2", server.port):
+        resolver = FixedResolver("127.0.0.2", "127.0.0.1", port=server.port)
+        client = HttpClient(allow_private=True, max_idle=4, resolver=resolver)
+        try:
+            url = f"http://receiver.example:{server.port}/hook"
+            outcome = await Sender(client, TIMEOUT_S).send(delivery(url))
+        finally:
+            await client.close()
+    assert outcome.status_code == 200
+    # The second address went out 250 ms after the first (RFC 8305), not after a share of the
+    # timeout spent waiting on the first.
+    delay_ms = http.HAPPY_EYEBALLS_DELAY_S * 1000
+    assert delay_ms * 0.9 < outcome.duration_ms < delay_ms + 1000
+    assert server.connections == 1
+
+
+async def test_every_address_of_a_name_is_vetted(raw: MakeServer) -> None:
+    server = await raw(answering())
+    resolver = FixedResolver("10.1.2.3", "127.0.0.1", port=server.port)
+    client = HttpClient(allow_private=False, max_idle=4, resolver=resolver)
+    try:
+        url = f"http://receiver.example:{server.port}/hook"
+        outcome = await Sender(client, TIMEOUT_S).send(delivery(url))
+    finally:
+        await client.close()
+    assert outcome.status_code is None and "blocked addresses" in (outcome.error or "")
+    assert server.connections == 0
