@@ -1,6 +1,7 @@
 """The delivery client against receivers that misbehave on purpose (SPEC §6 "Receivers are
 strangers"): raw loopback servers sending header bombs, endless heads, endless interim answers,
-protocol switches and stalled bodies, and names whose first address is black-holed."""
+protocol switches and stalled bodies, names whose first address is black-holed, and idle
+connections the client must close by itself."""
 
 from __future__ import annotations
 
@@ -344,3 +345,29 @@ async def test_every_address_of_a_name_is_vetted(raw: MakeServer) -> None:
         await client.close()
     assert outcome.status_code is None and "blocked addresses" in (outcome.error or "")
     assert server.connections == 0
+
+
+async def test_an_idle_connection_is_closed_by_a_timer(
+    raw: MakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http, "KEEPALIVE_S", 0.3)
+    answered: list[float] = []
+    closed: list[float] = []
+
+    async def one(srv: RawServer, reader: Stream, writer: Writer) -> None:
+        await srv.read_request(reader)
+        writer.write(OK)
+        await writer.drain()
+        answered.append(time.monotonic())
+        await reader.read()  # the client's close, with nothing else going on
+        closed.append(time.monotonic())
+
+    server = await raw(one)
+    client = HttpClient(allow_private=True, max_idle=4)
+    try:
+        assert (await Sender(client, TIMEOUT_S).send(delivery(server.url()))).ok
+        await until(lambda: bool(closed))
+        assert closed[0] - answered[0] >= 0.25
+        assert client.idle(http.target(server.url(), "t")) is None
+    finally:
+        await client.close()

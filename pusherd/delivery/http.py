@@ -10,8 +10,8 @@ leave in.
 Connections are opened only to vetted addresses (`GuardedResolver`, `check_connect_host`), racing
 the addresses of a name as RFC 8305 says; redirects are never followed (an answer is an answer),
 TLS verifies certificates against the system store. An idle connection is reused for KEEPALIVE_S at
-most: receivers commonly close idle keep-alive connections after 5 s, and a request written into
-one that is closing is lost.
+most, and a timer closes it then: receivers commonly close idle keep-alive connections after 5 s,
+and a request written into one that is closing is lost.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import time
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -50,6 +49,7 @@ __all__ = [
 ]
 
 KEEPALIVE_S = 4.0
+IDLE_SWEEP_MIN_S = 0.25  # the idle-close timer runs at most this often
 HAPPY_EYEBALLS_DELAY_S = 0.25  # RFC 8305 "Connection Attempt Delay"
 DNS_TTL_S = 10.0
 
@@ -103,8 +103,9 @@ class HttpClient:
         self.max_idle = max_idle
         # `resolver` replaces the system's (tests); its answers are vetted all the same.
         self._resolver = GuardedResolver(allow_private=allow_private, inner=resolver)
-        self._idle: dict[PoolKey, list[Connection]] = {}
+        self._idle: dict[PoolKey, list[Connection]] = {}  # oldest first, per origin
         self._idle_count = 0
+        self._sweep: asyncio.TimerHandle | None = None
         self._dns: dict[tuple[str, int], tuple[float, list[AddrInfo]]] = {}
         self._tls = tls  # default: the system's trust store, with host name checks
         self._closed = False
@@ -112,15 +113,13 @@ class HttpClient:
     def idle(self, t: Target) -> Connection | None:
         """A live idle connection to t's origin, if one is pooled (most recently used first)."""
         conns = self._idle.get(t.key)
-        if not conns:
-            return None
-        now = time.monotonic()
         while conns:
             conn = conns.pop()
             self._idle_count -= 1
-            if not conn.closed and now - conn.idle_since < KEEPALIVE_S:
+            idle_for = conn.loop.time() - conn.idle_since
+            if not conn.closed and idle_for < KEEPALIVE_S:
                 conn.reused = True
-                conn.idle_for = now - conn.idle_since
+                conn.idle_for = idle_for
                 return conn
             conn.close()
         return None
@@ -132,32 +131,56 @@ class HttpClient:
             return
         if self._idle_count >= self.max_idle:
             self._make_room()
-        conn.idle_since = time.monotonic()
-        self._idle.setdefault(conn.key, []).append(conn)
+        conn.idle_since = conn.loop.time()
+        conns = self._idle.get(conn.key)
+        if conns is None:
+            conns = self._idle[conn.key] = []
+        conns.append(conn)
         self._idle_count += 1
+        if self._sweep is None:
+            self._sweep = conn.loop.call_at(conn.idle_since + KEEPALIVE_S, self._close_expired)
 
-    def _make_room(self) -> None:
-        """Drop closed and expired idle connections; if none were, the longest idle one."""
-        now = time.monotonic()
-        oldest: Connection | None = None
+    def _close_expired(self) -> None:
+        """The idle timer: close what has been idle KEEPALIVE_S, wake again for the next one."""
+        self._sweep = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        next_due = self._drop_expired(now)
+        if next_due is not None and not self._closed:
+            self._sweep = loop.call_at(max(next_due, now + IDLE_SWEEP_MIN_S), self._close_expired)
+
+    def _drop_expired(self, now: float) -> float | None:
+        """Close pooled connections that are closed or expired; when the next one expires."""
+        next_due: float | None = None
         for key, conns in list(self._idle.items()):
-            live = [c for c in conns if not c.closed and now - c.idle_since < KEEPALIVE_S]
+            live: list[Connection] = []
             for c in conns:
-                if c not in live:
+                if c.closed or now - c.idle_since >= KEEPALIVE_S:
                     c.close()
+                else:
+                    live.append(c)
             self._idle_count -= len(conns) - len(live)
             if live:
                 self._idle[key] = live
-                if oldest is None or live[0].idle_since < oldest.idle_since:
-                    oldest = live[0]
+                due = live[0].idle_since + KEEPALIVE_S
+                if next_due is None or due < next_due:
+                    next_due = due
             else:
                 del self._idle[key]
-        if self._idle_count >= self.max_idle and oldest is not None:
-            self._idle[oldest.key].remove(oldest)
-            if not self._idle[oldest.key]:
-                del self._idle[oldest.key]
-            self._idle_count -= 1
-            oldest.close()
+        return next_due
+
+    def _make_room(self) -> None:
+        """Drop closed and expired idle connections; if none were, the longest idle one."""
+        if self._drop_expired(asyncio.get_running_loop().time()) is None:
+            return
+        if self._idle_count < self.max_idle:
+            return
+        oldest = min((conns[0] for conns in self._idle.values()), key=lambda c: c.idle_since)
+        self._idle[oldest.key].pop(0)
+        if not self._idle[oldest.key]:
+            del self._idle[oldest.key]
+        self._idle_count -= 1
+        oldest.close()
 
     async def connect(self, t: Target, timeout_s: float = 30.0) -> Connection:
         """Open a new connection to a vetted address of t within timeout_s (raises OSError,
@@ -195,7 +218,7 @@ class HttpClient:
         return conn
 
     async def _resolve(self, host: str, port: int) -> list[AddrInfo]:
-        now = time.monotonic()
+        now = asyncio.get_running_loop().time()
         cached = self._dns.get((host, port))
         if cached is not None and cached[0] > now:
             return cached[1]
@@ -220,6 +243,9 @@ class HttpClient:
     async def close(self) -> None:
         """Close every idle connection (in-flight ones close when their exchange ends)."""
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for conns in self._idle.values():
             for conn in conns:
                 conn.close()
