@@ -15,7 +15,7 @@ from pusherd.delivery.sender import Sender
 from pusherd.metrics import Metrics
 from pusherd.notify import Notifier
 from pusherd.ratelimit import RateLimiter
-from pusherd.store import Store, StoreError, open_store
+from pusherd.store import Change, Store, StoreError, open_store
 from pusherd.store.types import StatusChange
 
 log = structlog.get_logger("pusherd")
@@ -60,6 +60,7 @@ class Runtime:
         self._client = HttpClient(d.allow_private_destinations, max_idle=d.max_in_flight)
         sender = Sender(self._client, d.timeout)
         self._dispatcher = Dispatcher(d, self._store, sender, self.metrics, self.status_changed)
+        self._store.changes.subscribe(self._changed)
         if dispatch:
             self._dispatcher.start()
             self._purger = asyncio.get_running_loop().create_task(self._purge_loop())
@@ -67,9 +68,12 @@ class Runtime:
                 self.close_pending_soon(sub)
 
     def status_changed(self, change: StatusChange) -> None:
-        """A subscription's status changed by a delivery outcome: mail, and close if DISABLED."""
+        """A subscription's status changed by a delivery outcome: mail its contact."""
         self.notifier.notify(change)
-        if change.new == "DISABLED":
+
+    def _changed(self, change: Change) -> None:
+        """A deleted or DISABLED subscription's pending deliveries are finished (change feed)."""
+        if change.kind in ("subscription_deleted", "subscription_disabled"):
             self.close_pending_soon(change.subscription)
 
     def close_pending_soon(self, subscription: str) -> None:

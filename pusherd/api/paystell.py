@@ -262,7 +262,6 @@ async def generate_secret(request: web.Request) -> web.Response:
     )
     if not rotated:
         raise ApiError(404, "no such webhook")
-    await runtime.dispatcher.refresh_subscription(sub.uuid)
     return success(
         {"secret": secret, "webhookId": sub.uuid},
         "Secret generated; the previous one keeps signing alongside it for 24 hours",
@@ -284,7 +283,6 @@ async def _send_test(
 ) -> web.Response:
     event = NewEvent(org, name, TEST_PAYLOAD, None, None)
     result = await runtime.store.send_to(event, [s.uuid for s in targets])
-    runtime.dispatcher.wake(everything=True)
     events = [
         {"webhookId": s.uuid, "eventId": str(i)}
         for s, i in zip(targets, result.delivery_ids, strict=True)
@@ -369,7 +367,6 @@ async def retry_event(request: web.Request) -> web.Response:
         raise ApiError(404, "no such event")
     if outcome == "pending":
         raise ApiError(409, "this event is still pending; it can be retried once it has finished")
-    runtime.dispatcher.wake(everything=True)
     return success(
         {"jobId": str(delivery_id), "status": "pending"}, "Webhook queued for retry", 202
     )

@@ -137,9 +137,7 @@ async def create(
         contact_email=contact_email,
         signing_key=signing_key or new_signing_key(),
     )
-    sub = await runtime.store.create_subscription(new, welcome_event(token.organization))
-    await runtime.dispatcher.refresh_subscription(sub.uuid)
-    return sub
+    return await runtime.store.create_subscription(new, welcome_event(token.organization))
 
 
 async def update(
@@ -154,18 +152,10 @@ async def update(
         contact_email=changes.contact_email,
         status=changes.status,
     )
-    sub = await runtime.store.update_subscription(token.organization, sub_uuid, changes)
-    if sub is not None:
-        await runtime.dispatcher.refresh_subscription(sub_uuid)
-        if sub.status == "DISABLED":
-            runtime.close_pending_soon(sub_uuid)
-    return sub
+    # The store announces the change: the dispatcher and the closing of pending rows follow it.
+    return await runtime.store.update_subscription(token.organization, sub_uuid, changes)
 
 
 async def delete(runtime: Runtime, organization: str, sub_uuid: str) -> bool:
     """Delete a subscription and cancel its pending deliveries, also those already claimed."""
-    if not await runtime.store.delete_subscription(organization, sub_uuid):
-        return False
-    await runtime.dispatcher.refresh_subscription(sub_uuid)
-    runtime.close_pending_soon(sub_uuid)
-    return True
+    return await runtime.store.delete_subscription(organization, sub_uuid)

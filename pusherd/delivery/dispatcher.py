@@ -34,6 +34,7 @@ from pusherd.delivery.retry import Outcome, RetryPolicy
 from pusherd.delivery.sender import Exchange, Sender, origin_of, outcome_label
 from pusherd.log import info_enabled
 from pusherd.metrics import Metrics
+from pusherd.store.changes import Change
 from pusherd.store.errors import StoreError
 from pusherd.store.interface import Store
 from pusherd.store.types import AttemptRecord, ClaimedDelivery, StatusChange
@@ -41,6 +42,10 @@ from pusherd.store.types import AttemptRecord, ClaimedDelivery, StatusChange
 log = structlog.get_logger("pusherd.delivery")
 
 POLL_S = 1.0  # rows queued by other means (another process, the CLI) are found this soon
+# Changes after which rows claimed before them are stale.
+STALE_ROWS = frozenset(
+    {"subscription_changed", "subscription_deleted", "subscription_disabled", "key_rotated"}
+)
 QUEUE_FACTOR = 3  # claimed rows ready behind an origin's in-flight attempts, per slot
 BREAKER_THRESHOLD = 5
 BREAKER_FIRST_PAUSE_S = 30.0
@@ -161,6 +166,9 @@ class Dispatcher:
         self._stopping: asyncio.Future[None] | None = None
         self._in_flight = 0
         self._gone: set[str] = set()  # answered 410, not yet recorded DISABLED
+        self._unsubscribe: Callable[[], None] | None = None
+        # subscription -> hand-backs under way after it changed (claims wait for them)
+        self._settling: dict[str, int] = {}
         # Labelled metric children looked up once: labels() is costly on the hot path.
         self._outcomes = {
             o: metrics.attempts.labels(outcome=o)
@@ -171,26 +179,56 @@ class Dispatcher:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the claim loop."""
+        """Start the claim loop; from now on the store's change feed wakes it."""
+        self._unsubscribe = self.store.changes.subscribe(self._changed)
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
-    def wake(self, everything: bool = False) -> None:
-        """New work may be due (ingest committed, rows re-queued): claim without waiting for
-        the poll. `everything` is accepted for older callers; every claim looks at all queues."""
+    def _changed(self, change: Change) -> None:
+        """A committed write the dispatcher must know about (from the store's change feed)."""
+        if change.kind == "deliveries_queued":
+            self._wake.set()
+        elif change.subscription and change.kind in STALE_ROWS:
+            # Rows of it waiting here were read before the change (destination, key, status):
+            # they go back, and are claimed afresh.
+            self._hand_back(change.subscription, self._forget(change.subscription))
+
+    def _hand_back(self, subscription: str, ids: list[int]) -> None:
+        """Release a changed subscription's rows; no claim runs until that is committed, so
+        its newer rows never leave ahead of them."""
+        self._settling[subscription] = self._settling.get(subscription, 0) + 1
+
+        async def hand_back() -> None:
+            try:
+                await self._release(ids)
+            finally:
+                left = self._settling[subscription] - 1
+                if left:
+                    self._settling[subscription] = left
+                else:
+                    del self._settling[subscription]
+                self._wake.set()
+
+        self._spawn(hand_back())
+
+    def wake(self) -> None:
+        """Claim without waiting for the poll (the change feed calls this for queued rows)."""
         self._wake.set()
 
-    async def refresh_subscription(self, subscription: str) -> int:
-        """A subscription changed (destination, key, status) or was deleted.
-
-        Its claimed-but-waiting rows were read at claim time: they are handed back, and the
-        subscriptions are read afresh before the next claim.
-        """
+    def _forget(self, subscription: str) -> list[int]:
+        """Take a subscription's claimed-but-waiting rows out of the origins' queues."""
         ids: list[int] = []
         for origin in self._origins.values():
             mine = [d.id for d in origin.waiting if d.subscription == subscription]
             if mine:
                 origin.waiting = deque(d for d in origin.waiting if d.subscription != subscription)
                 ids.extend(mine)
+        return ids
+
+    async def refresh_subscription(self, subscription: str) -> int:
+        """A subscription changed (destination, key, status) or was deleted: its claimed but
+        waiting rows, read at claim time, are handed back. The change feed does this for every
+        write; this is for the dispatcher's own knowledge (a 410 before it is recorded)."""
+        ids = self._forget(subscription)
         await self._release(ids)
         self._wake.set()
         return len(ids)
@@ -207,6 +245,8 @@ class Dispatcher:
 
     async def _stop_once(self, grace_s: float) -> None:
         self._stop.set()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
         if self._loop_task is not None:
             await self._loop_task
         waiting = [d.id for o in self._origins.values() for d in o.waiting]
@@ -274,8 +314,8 @@ class Dispatcher:
                 next_ms = min(next_ms, resume_ms)
             room[origin.name] = origin.room(per_destination, now)
         budget = self.config.max_in_flight * (1 + QUEUE_FACTOR) - len(self._held)
-        if budget <= 0:
-            return POLL_S  # a finished attempt wakes the loop
+        if budget <= 0 or self._settling:
+            return POLL_S  # a finished attempt, or the hand-back's commit, wakes the loop
         claim = await self.store.claim(
             self.owner, room, per_destination * (1 + QUEUE_FACTOR), budget, self.lease_ms
         )
@@ -303,16 +343,22 @@ class Dispatcher:
             self._spawn(self._release(fresh))
             return
         gone = []
+        stale: dict[str, list[int]] = {}
         for d in claimed:
             if d.id in self._held:
                 continue  # already ours (its lease was just renewed)
             if d.subscription in self._gone:
                 gone.append(d.id)
                 continue
+            if d.subscription in self._settling:  # claimed while it changed: read too early
+                stale.setdefault(d.subscription, []).append(d.id)
+                continue
             self._held.add(d.id)
             self._origin(d.destination).waiting.append(d)
         if gone:
             self._spawn(self._release(gone))
+        for sub, ids in stale.items():
+            self._hand_back(sub, ids)
         self._pump()
 
     def _pump(self) -> None:
@@ -502,5 +548,3 @@ class Dispatcher:
             )
         if change is not None:
             self.on_status_change(change)
-            if change.new == "DISABLED":
-                await self.refresh_subscription(d.subscription)
