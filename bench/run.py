@@ -70,6 +70,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from common import EVENT_NAME, SCOPE, event, free_port  # noqa: E402
+from growth import phase_growth  # noqa: E402
 
 PY = sys.executable
 KEYS = (
@@ -87,6 +88,9 @@ KEYS = (
     "backlog_rss_mb",
     "backlog_drain_ratio",
     "isolation_ratio",
+    "e2e_start_p99_ms",
+    "subs_cpu_ratio",
+    "idle_cpu_pct",
 )
 # key -> (comparison, target)
 TARGETS: dict[str, tuple[str, float]] = {
@@ -98,6 +102,9 @@ TARGETS: dict[str, tuple[str, float]] = {
     "backlog_rss_mb": ("<=", 150.0),
     "backlog_drain_ratio": (">=", 0.8),
     "isolation_ratio": (">=", 0.9),
+    "e2e_start_p99_ms": ("<=", 10.0),
+    "subs_cpu_ratio": ("<=", 1.25),
+    "idle_cpu_pct": ("<=", 1.0),
 }
 
 
@@ -119,10 +126,12 @@ class Settings:
     window: int  # deliveries per backlog / isolation window
     isolation_n: int
     batch_baseline_n: int
+    growth_events: int  # events per CPU-per-event window (bench/growth.py)
+    growth_via_api: bool  # create the growth phase's subscriptions through the API
 
 
-QUICK = Settings(3, 2.0, 20_000, 2.0, 1000.0, 200_000, 20_000, 12_000, 20_000)
-FULL = Settings(5, 10.0, 20_000, 10.0, 1000.0, 1_000_000, 20_000, 20_000, 50_000)
+QUICK = Settings(3, 2.0, 20_000, 2.0, 1000.0, 200_000, 20_000, 12_000, 20_000, 5_000, False)
+FULL = Settings(5, 10.0, 20_000, 10.0, 1000.0, 1_000_000, 20_000, 20_000, 50_000, 20_000, True)
 
 
 # -- processes -----------------------------------------------------------------------------
@@ -358,9 +367,12 @@ class Daemon:
 
 def loadgen(*args: str) -> dict[str, Any]:
     """Run bench/loadgen.py as its own process and parse its JSON line."""
-    out = subprocess.run(
-        [PY, str(HERE / "loadgen.py"), *args], check=True, capture_output=True, cwd=ROOT
-    )
+    return loadgen_script(str(HERE / "loadgen.py"), *args)
+
+
+def loadgen_script(script: str, *args: str) -> dict[str, Any]:
+    """Run a load-generating script as its own process and parse its JSON line."""
+    out = subprocess.run([PY, script, *args], check=True, capture_output=True, cwd=ROOT)
     return dict(orjson.loads(out.stdout))
 
 
@@ -732,6 +744,9 @@ def figures(res: Results) -> dict[str, float]:
     out["deliver_ratio"] = out["deliver_rps"] / out["deliver_baseline_rps"]
     out["backlog_drain_ratio"] = m("backlog_window_rps") / out["deliver_rps"]
     out["isolation_ratio"] = m("isolation_hang_rps") / m("isolation_solo_rps")
+    out["e2e_start_p99_ms"] = m("e2e_start_p99_ms")
+    out["subs_cpu_ratio"] = m("subs_cpu_many_us") / m("subs_cpu_one_us")
+    out["idle_cpu_pct"] = m("idle_cpu_pct")
     return {k: round(out[k], 3) for k in KEYS}
 
 
@@ -767,6 +782,9 @@ def table(fig: dict[str, float], res: Results, s: Settings, elapsed: float) -> s
         "isolation solo / with hanging origin": (
             f"{res.med('isolation_solo_rps'):.0f}/s / {res.med('isolation_hang_rps'):.0f}/s"
         ),
+        "daemon CPU per delivered event, 1 / 10,000 subscriptions": (
+            f"{res.med('subs_cpu_one_us'):.0f} us / {res.med('subs_cpu_many_us'):.0f} us"
+        ),
         **{k.replace("_", " "): v for k, v in res.notes.items()},
     }
     lines.append("")
@@ -793,7 +811,7 @@ def main() -> int:
     p.add_argument("--runs", type=int, help="runs per figure (at least 3)")
     p.add_argument(
         "--only",
-        choices=["intake", "delivery", "isolation"],
+        choices=["intake", "delivery", "isolation", "growth"],
         action="append",
         help=argparse.SUPPRESS,
     )
@@ -804,7 +822,14 @@ def main() -> int:
     procs = Procs()
     res = Results()
     started = time.monotonic()
-    phases = {"intake": phase_intake, "delivery": phase_delivery, "isolation": phase_isolation}
+    phases = {
+        "intake": phase_intake,
+        "delivery": phase_delivery,
+        "isolation": phase_isolation,
+        "growth": lambda s, procs, workdir, res: phase_growth(
+            s, procs, workdir, res, sys.modules[__name__]
+        ),
+    }
     try:
         with workspace() as workdir:
             for name, phase in phases.items():

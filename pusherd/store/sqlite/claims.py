@@ -38,19 +38,48 @@ def _claim_rows(
 ) -> tuple[list[ClaimedDelivery], bool]:
     """Lease up to n due rows of each (subscription, n) in due order; (rows by id, whether
     some subscription gave all that was asked: it may have more)."""
-    ids: list[int] = []
-    full = False
-    for subscription, limit in plan:
+    # First one row of every planned subscription, in one statement (the common case with many
+    # small queues), then more rows of those that asked for more and still have some due.
+    ids = [
+        r[0]
+        for r in conn.execute(
+            "UPDATE deliveries SET lease_owner = ?, lease_until_ms = ?, due_ms = ?"
+            " WHERE id IN (SELECT (SELECT d.id FROM deliveries d WHERE d.subscription = j.value"
+            " AND d.status = 'pending' AND d.due_ms <= ? ORDER BY d.due_ms, d.id LIMIT 1)"
+            " FROM json_each(?) j) RETURNING id",
+            (owner, until, until, now, queues.id_list(sub for sub, _ in plan)),
+        ).fetchall()
+    ]
+    queues.refresh(conn, [sub for sub, _ in plan])
+    wanted = {sub: limit - 1 for sub, limit in plan if limit > 1}
+    more = (
+        conn.execute(
+            "SELECT subscription FROM queues WHERE subscription IN (SELECT value FROM json_each(?))"
+            " AND next_due_ms <= ?",
+            (queues.id_list(wanted), now),
+        ).fetchall()
+        if wanted and ids
+        else []
+    )
+    for (subscription,) in more:
         rows = conn.execute(
             "UPDATE deliveries SET lease_owner = ?, lease_until_ms = ?, due_ms = ?"
             " WHERE id IN (SELECT id FROM deliveries WHERE subscription = ?"
             " AND status = 'pending' AND due_ms <= ? ORDER BY due_ms, id LIMIT ?)"
             " RETURNING id",
-            (owner, until, until, subscription, now, limit),
+            (owner, until, until, subscription, now, wanted[subscription]),
         ).fetchall()
-        full = full or len(rows) >= limit
         ids.extend(r[0] for r in rows)
-    queues.refresh(conn, [sub for sub, _ in plan])
+    if more:
+        queues.refresh(conn, [sub for (sub,) in more])
+    # Whether a planned queue still has something due (claim again at once).
+    full = bool(
+        conn.execute(
+            "SELECT 1 FROM queues WHERE subscription IN (SELECT value FROM json_each(?))"
+            " AND next_due_ms <= ? LIMIT 1",
+            (queues.id_list(sub for sub, _ in plan), now),
+        ).fetchall()
+    )
     if not ids:
         return [], full
     ids.sort()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable
 
+import orjson
 from yarl import URL
 
 _NEXT_DUE = (
@@ -32,20 +33,26 @@ def register_functions(conn: sqlite3.Connection) -> None:
     conn.create_function("pusherd_origin", 1, origin_of, deterministic=True)
 
 
+def id_list(items: Iterable[object]) -> str:
+    """A JSON array for `IN (SELECT value FROM json_each(?))`: one statement for any number."""
+    return orjson.dumps(list(dict.fromkeys(items))).decode()
+
+
 def refresh(conn: sqlite3.Connection, subscriptions: Iterable[str]) -> None:
     """Recompute next_due_ms of these subscriptions' queues (no-op for undeliverable ones)."""
-    conn.executemany(
-        f"UPDATE queues SET next_due_ms = {_NEXT_DUE} WHERE subscription = ?",
-        [(s,) for s in set(subscriptions)],
+    conn.execute(
+        f"UPDATE queues SET next_due_ms = {_NEXT_DUE}"
+        " WHERE subscription IN (SELECT value FROM json_each(?))",
+        (id_list(subscriptions),),
     )
 
 
 def fresh_rows(conn: sqlite3.Connection, subscriptions: Iterable[str], due_ms: int) -> None:
     """New pending rows due at due_ms were added to these subscriptions."""
-    conn.executemany(
-        "UPDATE queues SET next_due_ms = ?1 WHERE subscription = ?2"
+    conn.execute(
+        "UPDATE queues SET next_due_ms = ?1 WHERE subscription IN (SELECT value FROM json_each(?2))"
         " AND (next_due_ms IS NULL OR next_due_ms > ?1)",
-        [(due_ms, s) for s in set(subscriptions)],
+        (due_ms, id_list(subscriptions)),
     )
 
 
