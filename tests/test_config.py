@@ -335,7 +335,8 @@ async def test_a_daemon_with_max_in_flight_2_starts_and_sends_at_most_2_at_once(
         in_flight.pop()
         return web.Response(status=200)
 
-    h = await harness_factory(delivery={"max_in_flight": 2})
+    # a long timeout: a held attempt must not time out and come back as a retry while held
+    h = await harness_factory(delivery={"max_in_flight": 2, "timeout": "60s"})
     rec = await receiver_factory(statuses=[hold] * 6)
     await h.subscribe(h.token(), rec.url, ["ProductCreated"])
     for _ in range(5):
