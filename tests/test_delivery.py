@@ -433,7 +433,7 @@ async def test_circuit_breaker_pauses_an_origin_and_a_probe_closes_it(
 
 
 def test_breaker_default_pause_is_spec_value() -> None:
-    from pusherd.delivery.dispatcher import BREAKER_FIRST_PAUSE_S, Breaker
+    from pusherd.delivery.origins import BREAKER_FIRST_PAUSE_S, Breaker
 
     assert BREAKER_FIRST_PAUSE_S == 30.0
     assert Breaker().pause_s == 30.0
