@@ -27,7 +27,15 @@ import structlog
 
 from pusherd.clock import now_ms
 from pusherd.config import DeliveryConfig
-from pusherd.delivery.origins import BREAKER_FIRST_PAUSE_S, QUEUE_FACTOR, Breaker, Origin
+from pusherd.delivery.origins import (
+    BREAKER_FIRST_PAUSE_S,
+    QUEUE_FACTOR,
+    Breaker,
+    Claims,
+    Limits,
+    Origin,
+    prune,
+)
 from pusherd.delivery.retry import Outcome, RetryPolicy
 from pusherd.delivery.sender import Exchange, Sender, origin_of, outcome_label
 from pusherd.log import info_enabled
@@ -86,6 +94,7 @@ class Taking:
             or d._stop.is_set()
             or quiet_until is None
             or quiet_until <= now_ms()
+            or not origin.proven  # claimed instead, within the share of unproven origins
             or origin.breaker.tripped()
             or origin.free(d.config.per_destination) <= 0
         ):
@@ -126,6 +135,7 @@ class Dispatcher:
         self.disable_after_ms = int(config.disable_after * 1000)
         self.breaker_pause_s = breaker_pause_s
         self._origins: dict[str, Origin] = {}
+        self._limits = Limits(config.per_destination, config.max_in_flight)
         self._targets_at = -TARGETS_MAX_AGE_S  # monotonic time of the last read
         self._held: set[int] = set()  # ids claimed by us: waiting, in flight or being recorded
         self._tasks: dict[int, asyncio.Task[None]] = {}
@@ -293,6 +303,7 @@ class Dispatcher:
                 origin = self._origin(destination)
                 origin.subscriptions.append(uuid)
                 self._sub_origin[uuid] = origin
+        self._forget_idle_origins()
 
     async def _cycle(self) -> float:
         """Claim for every origin with room; return how long to wait (0: go again now)."""
@@ -303,6 +314,7 @@ class Dispatcher:
             self._probed_all_at = now
             self._quiet.clear()
         budget = self.config.max_in_flight * (1 + QUEUE_FACTOR) - len(self._held)
+        claims = Claims(self._origins.values(), self._limits, budget, now)
         next_ms = wall_ms + int(POLL_S * 1000)
         wants: list[tuple[str, int]] = []
         for origin in self._origins.values():
@@ -310,7 +322,7 @@ class Dispatcher:
                 resume_ms = wall_ms + int((origin.breaker.open_until - now) * 1000) + 1
                 next_ms = min(next_ms, resume_ms)
                 continue
-            room = min(origin.room(self.config.per_destination, now), budget)
+            room = claims.room(origin)
             if room <= 0 or not origin.subscriptions:
                 continue
             due_subs = []
@@ -338,7 +350,7 @@ class Dispatcher:
                 n = min(share, room)
                 wants.append((due_subs[(origin.turn + i) % len(due_subs)], n))
                 room -= n
-                budget -= n
+                claims.take(origin, n)
         if wants:
             claimed = await self.store.claim(self.owner, wants, self.lease_ms)
             self._dispatch(claimed)
@@ -393,8 +405,10 @@ class Dispatcher:
                 if breaker.tripped():
                     if breaker.paused(now) or breaker.probing or origin.in_flight:
                         break
+                    if not origin.may_start(self.config.per_destination):
+                        break
                     breaker.probing = True  # the pause is over: this attempt is the probe
-                elif origin.in_flight >= self.config.per_destination:
+                elif not origin.may_start(self.config.per_destination):
                     break
                 self._start(origin, origin.waiting.popleft())
 
@@ -408,10 +422,16 @@ class Dispatcher:
             origin = self._origins[name] = Origin(
                 name,
                 Breaker(self.breaker_pause_s),
+                self._limits,
                 in_flight_gauge=self.metrics.in_flight.labels(origin=name),
                 circuit_gauge=self.metrics.circuit_open.labels(origin=name),
             )
         return origin
+
+    def _forget_idle_origins(self) -> None:
+        """Drop origins no subscription points at any more, with their metric series."""
+        for name in prune(self._origins):
+            self.metrics.forget_origin(name)
 
     def _start(self, origin: Origin, d: ClaimedDelivery) -> None:
         # On an idle connection the request is written right here, in the order rows are
@@ -420,7 +440,7 @@ class Dispatcher:
         exchange = self.sender.start(d)
         if exchange is None:
             origin.sending += 1
-        origin.in_flight += 1
+        origin.begin()
         self._in_flight += 1
         origin.in_flight_gauge.set(origin.in_flight)
         self._tasks[d.id] = asyncio.get_running_loop().create_task(
@@ -480,7 +500,7 @@ class Dispatcher:
                 return
             slot_freed = True
             on_sent()
-            origin.in_flight -= 1
+            origin.end()
             self._in_flight -= 1
             origin.in_flight_gauge.set(origin.in_flight)
             self._pump()
@@ -509,7 +529,7 @@ class Dispatcher:
         except Exception:
             log.exception("attempt_crashed", delivery_id=d.id)
             if origin.breaker.probing:  # a probe that never answered must not pin the circuit
-                origin.breaker.record(False, time.monotonic())
+                origin.record(False, time.monotonic())
         finally:
             self._tasks.pop(d.id, None)
             self._held.discard(d.id)
@@ -519,7 +539,7 @@ class Dispatcher:
     def _count(self, origin: Origin, outcome: Outcome) -> None:
         """Feed the breaker and the metrics with one attempt's outcome."""
         now = time.monotonic()
-        if origin.breaker.record(outcome.ok, now):
+        if origin.record(outcome.ok, now):
             log.warning(
                 "circuit_opened",
                 origin=origin.name,
