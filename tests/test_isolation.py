@@ -145,6 +145,9 @@ async def test_origin_state_is_freed_when_its_subscriptions_are_deleted(
             assert time.monotonic() < deadline, f"{len(series(await scrape(harness)))} series left"
             await asyncio.sleep(0.05)
     assert series(await scrape(harness)) == {origin(kept["destination"])}
-    assert len(harness.runtime.dispatcher._origins) == 1  # the claim cycle walks only live ones
+    dispatcher = harness.runtime.dispatcher
+    assert len(dispatcher._origins) == 1  # the claim cycle walks only live ones
+    # Nothing in flight: the shares' counts came back to zero through every change of tier.
+    assert (dispatcher._limits.unproven, dispatcher._limits.failing) == (0, 0)
     await harness.emit()
     await receiver.wait_for(1, "ProductCreated")
