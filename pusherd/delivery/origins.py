@@ -8,8 +8,10 @@ holds a slot of `max_in_flight` until the timeout, so the slots an origin may ho
 - Shares: origins that are not proven healthy (no success in the last PROVEN_FOR_S, or a failure
   since the last success) together hold at most half of `max_in_flight`, and failing ones at most a
   quarter of it. Proven-healthy origins therefore always find room, however many dead origins there
-  are, and an origin seen for the first time finds room next to any number of failing ones. The same
-  shares apply to the rows an origin may hold claimed (in flight or ready behind).
+  are, and an origin seen for the first time finds room next to any number of failing ones. (First
+  attempts cannot be told apart before they answer: while more than half of `max_in_flight` worth of
+  new origins all hang at once, another new one waits for their timeout.) The same shares apply to
+  the rows an origin may hold claimed (in flight or ready behind).
 - Breaker: after 5 consecutive failures the origin is paused (30s, doubling up to 10m on every
   failed probe); then one probe decides.
 """
