@@ -139,6 +139,7 @@ class SmtpConfig:
     password: str = ""
     starttls: bool = False
     timeout: float = 10.0
+    repeat_after: float = 24 * 3600.0  # at most one FAILING mail per subscription this often
 
 
 @dataclass(frozen=True)
@@ -274,6 +275,7 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, tuple[str, Any]]]] = {
             "password": ("password", _string),
             "starttls": ("starttls", _bool),
             "timeout": ("timeout", _positive_duration),
+            "repeat_after": ("repeat_after", parse_duration),
         },
     ),
     "log": (LogConfig, {"level": ("level", _level), "format": ("format", _format)}),
