@@ -337,16 +337,21 @@ async def test_a_daemon_with_max_in_flight_2_starts_and_sends_at_most_2_at_once(
 
     # a long timeout: a held attempt must not time out and come back as a retry while held
     h = await harness_factory(delivery={"max_in_flight": 2, "timeout": "60s"})
-    rec = await receiver_factory(statuses=[hold] * 6)
+    # Four answers at once first: each success lifts the new origin's slow start by one, so
+    # its own limit (5) is above max_in_flight, which is then the limit that binds.
+    rec = await receiver_factory(statuses=[200] * 4 + [hold] * 5)
     await h.subscribe(h.token(), rec.url, ["ProductCreated"])
+    for _ in range(3):
+        assert (await h.emit("ProductCreated"))["deliveries"] == 1
+    await rec.wait_for(4)
     for _ in range(5):
         assert (await h.emit("ProductCreated"))["deliveries"] == 1
-    await rec.wait_for(2)
-    # a third attempt would arrive at once if only per_destination (8) applied
+    await rec.wait_for(6)
+    # a seventh attempt would arrive at once if only per_destination (8) applied
     with pytest.raises(AssertionError):
-        await rec.wait_for(3, timeout=0.5)
+        await rec.wait_for(7, timeout=0.5)
     assert most == 2
     release.set()
-    await rec.wait_for(6)
+    await rec.wait_for(9)
     await h.idle()
     assert most == 2
