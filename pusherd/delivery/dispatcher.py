@@ -23,33 +23,36 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from pusherd.clock import now_ms
 from pusherd.config import DeliveryConfig
+from pusherd.delivery.origins import (
+    BREAKER_FIRST_PAUSE_S,
+    QUEUE_FACTOR,
+    Breaker,
+    Claims,
+    Limits,
+    Origin,
+    prune,
+)
 from pusherd.delivery.retry import Outcome, RetryPolicy
 from pusherd.delivery.sender import Exchange, Sender, origin_of, outcome_label
 from pusherd.log import info_enabled
 from pusherd.metrics import Metrics
-from pusherd.store.changes import Change
-from pusherd.store.errors import StoreError
-from pusherd.store.interface import Store
+from pusherd.store import Change, Store, StoreError
 from pusherd.store.types import AttemptRecord, ClaimedDelivery, StatusChange
 
 log = structlog.get_logger("pusherd.delivery")
 
 POLL_S = 1.0  # rows queued by other means (another process, the CLI) are found this soon
+PRUNE_EVERY_S = 5.0  # idle origins are looked for this often, and after subscription changes
 # Changes after which rows claimed before them are stale.
 STALE_ROWS = frozenset(
     {"subscription_changed", "subscription_deleted", "subscription_disabled", "key_rotated"}
 )
-QUEUE_FACTOR = 3  # claimed rows ready behind an origin's in-flight attempts, per slot
-BREAKER_THRESHOLD = 5
-BREAKER_FIRST_PAUSE_S = 30.0
-BREAKER_MAX_PAUSE_S = 600.0
 
 
 def owner_is_dead(owner: str) -> bool:
@@ -70,72 +73,9 @@ def owner_is_dead(owner: str) -> bool:
     return False
 
 
-@dataclass
-class Breaker:
-    """Per-origin circuit breaker: open after 5 consecutive failures, 30s doubling to 10m."""
-
-    first_pause_s: float = BREAKER_FIRST_PAUSE_S
-    failures: int = 0
-    pause_s: float = BREAKER_FIRST_PAUSE_S
-    open_until: float = 0.0  # monotonic
-    probing: bool = False
-
-    def __post_init__(self) -> None:
-        self.pause_s = self.first_pause_s
-
-    def tripped(self) -> bool:
-        """Open or half-open: only a probe may go."""
-        return self.failures >= BREAKER_THRESHOLD
-
-    def paused(self, now: float) -> bool:
-        """Whether the pause itself is running."""
-        return self.tripped() and now < self.open_until
-
-    def record(self, success: bool, now: float) -> bool:
-        """Count an attempt's result; True when this opened the circuit."""
-        was_probe, self.probing = self.probing, False
-        if success:
-            self.failures, self.pause_s = 0, self.first_pause_s
-            return False
-        self.failures += 1
-        if was_probe:
-            self.pause_s = min(self.pause_s * 2, BREAKER_MAX_PAUSE_S)
-        if self.failures >= BREAKER_THRESHOLD:
-            self.open_until = now + self.pause_s
-            return True
-        return False
-
-
-@dataclass
-class Origin:
-    """Scheduling state of one destination origin."""
-
-    name: str
-    breaker: Breaker
-    in_flight: int = 0
-    sending: int = 0  # attempts started whose request is not on the wire yet
-    waiting: deque[ClaimedDelivery] = field(default_factory=deque)
-    in_flight_gauge: Any = None  # this origin's children of the labelled gauges
-    circuit_gauge: Any = None
-
-    def room(self, per_destination: int, now: float) -> int:
-        """How many more rows to claim for it now."""
-        if self.breaker.tripped():
-            if self.breaker.paused(now) or self.breaker.probing or self.in_flight or self.waiting:
-                return 0
-            return 1  # the pause is over: one probe
-        if len(self.waiting) >= per_destination:
-            return 0  # enough ready: top up in batches, not one row per finished attempt
-        return self.free(per_destination)
-
-    def free(self, per_destination: int) -> int:
-        """Room left for rows in flight or ready."""
-        held = self.in_flight + len(self.waiting)
-        return per_destination * (1 + QUEUE_FACTOR) - held
-
-
 class Dispatcher:
-    """Claims due deliveries and sends them, woken by ingest with a poll as a fallback."""
+    """Claims due deliveries and sends them, woken by the store's change feed (ingest, requeue)
+    with a poll as a fallback."""
 
     def __init__(
         self,
@@ -158,6 +98,7 @@ class Dispatcher:
         self.disable_after_ms = int(config.disable_after * 1000)
         self.breaker_pause_s = breaker_pause_s
         self._origins: dict[str, Origin] = {}
+        self._limits = Limits(config.per_destination, config.max_in_flight)
         self._held: set[int] = set()  # ids claimed by us: waiting, in flight or being recorded
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
@@ -169,6 +110,7 @@ class Dispatcher:
         self._unsubscribe: Callable[[], None] | None = None
         # subscription -> hand-backs under way after it changed (claims wait for them)
         self._settling: dict[str, int] = {}
+        self._prune_at = 0.0  # monotonic time to look for origins to forget
         # Labelled metric children looked up once: labels() is costly on the hot path.
         self._outcomes = {
             o: metrics.attempts.labels(outcome=o)
@@ -191,6 +133,7 @@ class Dispatcher:
             # Rows of it waiting here were read before the change (destination, key, status):
             # they go back, and are claimed afresh.
             self._hand_back(change.subscription, self._forget(change.subscription))
+            self._prune_at = 0.0  # its origin may be pointed at no more
 
     def _hand_back(self, subscription: str, ids: list[int]) -> None:
         """Release a changed subscription's rows; no claim runs until that is committed, so
@@ -305,19 +248,28 @@ class Dispatcher:
     async def _cycle(self) -> float:
         """One claim for every origin with room; return how long to wait (0: go again now)."""
         now, wall_ms = time.monotonic(), now_ms()
+        if now >= self._prune_at:
+            await self._forget_idle_origins(now)
         next_ms = wall_ms + int(POLL_S * 1000)
-        per_destination = self.config.per_destination
+        budget = self.config.max_in_flight * (1 + QUEUE_FACTOR) - len(self._held)
+        if budget <= 0 or self._settling:
+            return POLL_S  # a finished attempt, or the hand-back's commit, wakes the loop
+        claims = Claims(self._origins.values(), self._limits, budget, now)
         room: dict[str, int] = {}
         for origin in self._origins.values():
             if origin.breaker.paused(now):
                 resume_ms = wall_ms + int((origin.breaker.open_until - now) * 1000) + 1
                 next_ms = min(next_ms, resume_ms)
-            room[origin.name] = origin.room(per_destination, now)
-        budget = self.config.max_in_flight * (1 + QUEUE_FACTOR) - len(self._held)
-        if budget <= 0 or self._settling:
-            return POLL_S  # a finished attempt, or the hand-back's commit, wakes the loop
+            room[origin.name] = claims.room(origin)
+        # An origin seen for the first time slow-starts (one attempt, rows ready behind it),
+        # and all of those together stay within the share of origins not proven yet.
         claim = await self.store.claim(
-            self.owner, room, per_destination * (1 + QUEUE_FACTOR), budget, self.lease_ms
+            self.owner,
+            room,
+            min(1, self.config.per_destination) * (1 + QUEUE_FACTOR),
+            budget,
+            self.lease_ms,
+            default_total=max(0, claims.unproven_left),
         )
         self._dispatch(claim.deliveries)
         if claim.more:
@@ -379,8 +331,10 @@ class Dispatcher:
                 if breaker.tripped():
                     if breaker.paused(now) or breaker.probing or origin.in_flight:
                         break
+                    if not origin.may_start(self.config.per_destination):
+                        break
                     breaker.probing = True  # the pause is over: this attempt is the probe
-                elif origin.in_flight >= self.config.per_destination:
+                elif not origin.may_start(self.config.per_destination):
                     break
                 self._start(origin, origin.waiting.popleft())
 
@@ -394,10 +348,21 @@ class Dispatcher:
             origin = self._origins[name] = Origin(
                 name,
                 Breaker(self.breaker_pause_s),
+                self._limits,
                 in_flight_gauge=self.metrics.in_flight.labels(origin=name),
                 circuit_gauge=self.metrics.circuit_open.labels(origin=name),
             )
         return origin
+
+    async def _forget_idle_origins(self, now: float) -> None:
+        """Drop origins that hold nothing and no subscription points at any more, with their
+        metric series (an origin still pointed at keeps its breaker and slow-start state)."""
+        self._prune_at = now + PRUNE_EVERY_S
+        idle = [name for name, origin in self._origins.items() if origin.idle()]
+        if idle:
+            in_use = await self.store.origins_in_use(idle)
+            for name in prune(self._origins, in_use):
+                self.metrics.forget_origin(name)
 
     def _start(self, origin: Origin, d: ClaimedDelivery) -> None:
         # On an idle connection the request is written right here, in the order rows are
@@ -406,7 +371,7 @@ class Dispatcher:
         exchange = self.sender.start(d)
         if exchange is None:
             origin.sending += 1
-        origin.in_flight += 1
+        origin.begin()
         self._in_flight += 1
         origin.in_flight_gauge.set(origin.in_flight)
         self._tasks[d.id] = asyncio.get_running_loop().create_task(
@@ -464,7 +429,7 @@ class Dispatcher:
                 return
             slot_freed = True
             on_sent()
-            origin.in_flight -= 1
+            origin.end()
             self._in_flight -= 1
             origin.in_flight_gauge.set(origin.in_flight)
             self._pump()
@@ -493,7 +458,7 @@ class Dispatcher:
         except Exception:
             log.exception("attempt_crashed", delivery_id=d.id)
             if origin.breaker.probing:  # a probe that never answered must not pin the circuit
-                origin.breaker.record(False, time.monotonic())
+                origin.record(False, time.monotonic())
         finally:
             self._tasks.pop(d.id, None)
             self._held.discard(d.id)
@@ -503,7 +468,7 @@ class Dispatcher:
     def _count(self, origin: Origin, outcome: Outcome) -> None:
         """Feed the breaker and the metrics with one attempt's outcome."""
         now = time.monotonic()
-        if origin.breaker.record(outcome.ok, now):
+        if origin.record(outcome.ok, now):
             log.warning(
                 "circuit_opened",
                 origin=origin.name,

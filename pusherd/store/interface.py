@@ -118,10 +118,16 @@ class DeliveryQueue(Protocol):
         default_room: int,
         budget: int,
         lease_ms: int,
+        default_total: int | None = None,
     ) -> Claim:
-        """Lease due deliveries, oldest due first: at most room[origin] (default_room for an
-        origin not named) per origin, at most budget in all, per subscription in ingest order.
-        A row is claimable when pending, due, and not leased or its lease has run out."""
+        """Lease due deliveries, oldest due first: at most room[origin] per origin (an origin
+        not named: default_room, and at most default_total for all of those together), at most
+        budget in all, per subscription in ingest order. A row is claimable when pending, due,
+        and not leased or its lease has run out."""
+        ...
+
+    async def origins_in_use(self, origins: Collection[str]) -> set[str]:
+        """Those of these origins that some deliverable subscription points at."""
         ...
 
     async def record_attempt(

@@ -140,6 +140,16 @@ class ClaimStore:
         )
         return None if rows[0][0] is None else int(rows[0][0])
 
+    async def origins_in_use(self, origins: Collection[str]) -> set[str]:
+        """Those of these origins that some deliverable subscription points at."""
+        if not origins:
+            return set()
+        rows = self.db.read_now(
+            "SELECT DISTINCT origin FROM queues WHERE origin IN (SELECT value FROM json_each(?))",
+            (queues.id_list(origins),),
+        )
+        return {str(r[0]) for r in rows}
+
     async def claim(
         self,
         owner: str,
@@ -147,6 +157,7 @@ class ClaimStore:
         default_room: int,
         budget: int,
         lease_ms: int,
+        default_total: int | None = None,
     ) -> Claim:
         """Lease due deliveries within each origin's room and the budget, oldest due first.
 
@@ -156,7 +167,7 @@ class ClaimStore:
         nothing is due.
         """
         now = now_ms()
-        plan, more = self._plan(now, room, default_room, budget)
+        plan, more = self._plan(now, room, default_room, budget, default_total)
         if not plan:
             return Claim([], more, self._next_due_after(now))
 
@@ -167,7 +178,12 @@ class ClaimStore:
         return Claim(claimed, more or full, self._next_due_after(now))
 
     def _plan(
-        self, now: int, room: Mapping[str, int], default_room: int, budget: int
+        self,
+        now: int,
+        room: Mapping[str, int],
+        default_room: int,
+        budget: int,
+        default_total: int | None,
     ) -> tuple[list[tuple[str, int]], bool]:
         """(subscription, how many) to claim, and whether due queues were left unread."""
         if budget <= 0:
@@ -188,10 +204,14 @@ class ClaimStore:
         for sub, origin in rows:
             by_origin.setdefault(origin, []).append(sub)
         plan: list[tuple[str, int]] = []
+        unnamed = budget if default_total is None else default_total
         for origin, subs in by_origin.items():
-            left = min(room.get(origin, default_room), budget)
+            named = origin in room
+            left = min(room[origin] if named else min(default_room, unnamed), budget)
             if left <= 0:
                 continue
+            if not named:
+                unnamed -= left
             share = -(-left // len(subs))  # the origin's room, shared among its due queues
             for sub in subs:
                 n = min(share, left)

@@ -10,6 +10,8 @@ CREATE TABLE queues (
     next_due_ms   INTEGER
 );
 CREATE INDEX queues_due ON queues(next_due_ms) WHERE next_due_ms IS NOT NULL;
+-- Which origins any deliverable subscription still points at (the dispatcher forgets the rest).
+CREATE INDEX queues_by_origin ON queues(origin);
 
 -- pusherd_origin() is registered by the migrating connection (the same rule as the dispatcher's).
 INSERT INTO queues (subscription, origin, next_due_ms)
