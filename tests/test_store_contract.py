@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
@@ -85,8 +86,9 @@ async def claim(
     default_room: int = ROOM,
     budget: int = 1000,
     lease_ms: int = LEASE_MS,
+    default_total: int | None = None,
 ) -> Claim:
-    return await store.claim(owner, room or {}, default_room, budget, lease_ms)
+    return await store.claim(owner, room or {}, default_room, budget, lease_ms, default_total)
 
 
 async def wait_until(check: Callable[[], bool], limit_s: float = 5.0) -> None:
@@ -153,6 +155,29 @@ async def test_an_origin_without_room_is_not_claimed_from(store: Store) -> None:
     # Nothing else is due before the leases end; the paused origin's rows are due now.
     assert (await store.due_at(["https://paused.example:443"]) or 0) > now_ms() + LEASE_MS // 2
     assert (await store.due_at() or 2**62) <= now_ms()
+
+
+async def test_origins_not_named_share_default_total(store: Store) -> None:
+    for i in range(4):
+        await subscribe(store, f"https://new{i}.example/hook")
+    await ingest(store, 3)
+    c = await claim(store, default_room=2, default_total=5)
+    assert len(c.deliveries) == 5  # 2 + 2 + 1: the unnamed origins' total
+    per_origin = Counter(d.destination for d in c.deliveries)
+    assert max(per_origin.values()) <= 2
+
+
+async def test_origins_in_use_are_those_deliverable_subscriptions_point_at(store: Store) -> None:
+    a = await subscribe(store, "https://a.example/hook")
+    b = await subscribe(store, "https://b.example/hook")
+    c = await subscribe(store, "https://c.example/hook")
+    await store.delete_subscription(ORG, a.uuid)
+    await store.update_subscription(ORG, b.uuid, SubscriptionChanges(status="DISABLED"))
+    await store.update_subscription(
+        ORG, c.uuid, SubscriptionChanges(destination="https://d.example/hook")
+    )
+    names = [f"https://{x}.example:443" for x in "abcd"]
+    assert await store.origins_in_use(names) == {"https://d.example:443"}
 
 
 async def test_an_expired_lease_is_claimed_again_and_the_old_owner_cannot_record(
