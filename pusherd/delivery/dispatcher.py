@@ -43,7 +43,7 @@ from pusherd.delivery.sender import Exchange, Sender, origin_of, outcome_label
 from pusherd.log import info_enabled
 from pusherd.metrics import Metrics
 from pusherd.store import Change, Store, StoreError
-from pusherd.store.types import AttemptRecord, ClaimedDelivery, StatusChange
+from pusherd.store.types import AttemptRecord, ClaimedDelivery, Handover, StatusChange
 
 log = structlog.get_logger("pusherd.delivery")
 
@@ -157,6 +157,27 @@ class Dispatcher:
         """Claim without waiting for the poll (the change feed calls this for queued rows)."""
         self._wake.set()
 
+    def handover(self) -> Handover | None:
+        """The room it offers fresh deliveries now (asked by the store inside an ingest's write):
+        origins proven healthy with room; others, and new origins, go through a claim."""
+        if self._stop.is_set() or self._settling:
+            return None
+        now = time.monotonic()
+        budget = self.config.max_in_flight * (1 + QUEUE_FACTOR) - len(self._held)
+        claims = Claims(self._origins.values(), self._limits, budget, now)
+        room = {
+            name: n
+            for name, origin in self._origins.items()
+            if origin.proven and (n := claims.room(origin)) > 0
+        }
+        if not room:
+            return None
+        return Handover(self.owner, self.lease_ms, room, frozenset(self._gone))
+
+    def taken(self, deliveries: list[ClaimedDelivery]) -> None:
+        """Deliveries an ingest committed leased to us: sent like claimed ones."""
+        self._dispatch(deliveries)
+
     def _forget(self, subscription: str) -> list[int]:
         """Take a subscription's claimed-but-waiting rows out of the origins' queues."""
         ids: list[int] = []
@@ -190,6 +211,7 @@ class Dispatcher:
         self._stop.set()
         if self._unsubscribe is not None:
             self._unsubscribe()
+        await self.store.take_fresh(None)
         if self._loop_task is not None:
             await self._loop_task
         waiting = [d.id for o in self._origins.values() for d in o.waiting]
@@ -231,6 +253,7 @@ class Dispatcher:
 
     async def _run(self) -> None:
         await self._recover()
+        await self.store.take_fresh(self)
         while not self._stop.is_set():
             self._wake.clear()
             try:
