@@ -47,6 +47,10 @@ How each figure is taken (SPEC §7):
   of a second receiver process, so no circuit is open yet) and queued a backlog of 100 events for
   each of them. Without isolation those 50 origins take 400 attempt slots. Runs alternate solo /
   with-50; the 50 subscriptions are deleted after each run. Ratio of the medians.
+- e2e_start_p99_ms: the e2e runs, from the moment the producer starts its request to the
+  receiver's arrival.
+- subs_cpu_ratio / idle_cpu_pct: bench/growth.py (daemon CPU per delivered event with 10,000
+  subscriptions over 50 origins vs one; CPU with 100,000 subscriptions and nothing due).
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from common import EVENT_NAME, SCOPE, event, free_port  # noqa: E402
+from growth import phase_growth  # noqa: E402
 
 PY = sys.executable
 KEYS = (
@@ -96,6 +101,9 @@ KEYS = (
     "backlog_drain_ratio",
     "isolation_ratio",
     "isolation_50_ratio",
+    "e2e_start_p99_ms",
+    "subs_cpu_ratio",
+    "idle_cpu_pct",
 )
 # key -> (comparison, target)
 TARGETS: dict[str, tuple[str, float]] = {
@@ -108,6 +116,9 @@ TARGETS: dict[str, tuple[str, float]] = {
     "backlog_drain_ratio": (">=", 0.8),
     "isolation_ratio": (">=", 0.9),
     "isolation_50_ratio": (">=", 0.9),
+    "e2e_start_p99_ms": ("<=", 10.0),
+    "subs_cpu_ratio": ("<=", 1.25),
+    "idle_cpu_pct": ("<=", 1.0),
 }
 DEAD_ORIGINS = 50
 DEAD_BACKLOG = 100  # events queued to each never-answering origin before a with-50 run
@@ -131,10 +142,12 @@ class Settings:
     window: int  # deliveries per backlog / isolation window
     isolation_n: int
     batch_baseline_n: int
+    growth_events: int  # events per CPU-per-event window (bench/growth.py)
+    growth_via_api: bool  # create the growth phase's subscriptions through the API
 
 
-QUICK = Settings(3, 2.0, 20_000, 2.0, 1000.0, 200_000, 20_000, 12_000, 20_000)
-FULL = Settings(5, 10.0, 20_000, 10.0, 1000.0, 1_000_000, 20_000, 20_000, 50_000)
+QUICK = Settings(3, 2.0, 20_000, 2.0, 1000.0, 200_000, 20_000, 12_000, 20_000, 4_000, False)
+FULL = Settings(5, 10.0, 20_000, 10.0, 1000.0, 1_000_000, 20_000, 20_000, 50_000, 20_000, True)
 
 
 # -- processes -----------------------------------------------------------------------------
@@ -379,9 +392,12 @@ class Daemon:
 
 def loadgen(*args: str) -> dict[str, Any]:
     """Run bench/loadgen.py as its own process and parse its JSON line."""
-    out = subprocess.run(
-        [PY, str(HERE / "loadgen.py"), *args], check=True, capture_output=True, cwd=ROOT
-    )
+    return loadgen_script(str(HERE / "loadgen.py"), *args)
+
+
+def loadgen_script(script: str, *args: str) -> dict[str, Any]:
+    """Run a load-generating script as its own process and parse its JSON line."""
+    out = subprocess.run([PY, script, *args], check=True, capture_output=True, cwd=ROOT)
     return dict(orjson.loads(out.stdout))
 
 
@@ -484,8 +500,8 @@ def batch_baseline(workdir: Path, n: int, org: str) -> float:
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     sys.path.insert(0, str(ROOT))
-    from pusherd.store.db import connect_sync
     from pusherd.store.ids import IdSource
+    from pusherd.store.sqlite.db import connect_sync
 
     path = workdir / f"baseline-{uuid.uuid4().hex[:8]}.sqlite3"
     conn = connect_sync(path)  # WAL, synchronous=FULL, the real schema
@@ -786,6 +802,9 @@ def figures(res: Results) -> dict[str, float]:
     out["backlog_drain_ratio"] = m("backlog_window_rps") / out["deliver_rps"]
     out["isolation_ratio"] = m("isolation_hang_rps") / m("isolation_solo_rps")
     out["isolation_50_ratio"] = m("isolation_50_rps") / m("isolation_50_solo_rps")
+    out["e2e_start_p99_ms"] = m("e2e_start_p99_ms")
+    out["subs_cpu_ratio"] = m("subs_cpu_many_us") / m("subs_cpu_one_us")
+    out["idle_cpu_pct"] = m("idle_cpu_pct")
     return {k: round(out[k], 3) for k in KEYS}
 
 
@@ -824,6 +843,9 @@ def table(fig: dict[str, float], res: Results, s: Settings, elapsed: float) -> s
         f"isolation solo / next to {DEAD_ORIGINS} silent origins": (
             f"{res.med('isolation_50_solo_rps'):.0f}/s / {res.med('isolation_50_rps'):.0f}/s"
         ),
+        "daemon CPU per delivered event, 1 / 10,000 subscriptions": (
+            f"{res.med('subs_cpu_one_us'):.0f} us / {res.med('subs_cpu_many_us'):.0f} us"
+        ),
         **{k.replace("_", " "): v for k, v in res.notes.items()},
     }
     lines.append("")
@@ -852,7 +874,7 @@ def main() -> int:
     p.add_argument("--runs", type=int, help="runs per figure (at least 3)")
     p.add_argument(
         "--only",
-        choices=["intake", "delivery", "isolation", "isolation50"],
+        choices=["intake", "delivery", "isolation", "isolation50", "growth"],
         action="append",
         help=argparse.SUPPRESS,
     )
@@ -868,6 +890,9 @@ def main() -> int:
         "delivery": phase_delivery,
         "isolation": phase_isolation,
         "isolation50": phase_isolation_50,
+        "growth": lambda s, procs, workdir, res: phase_growth(
+            s, procs, workdir, res, sys.modules[__name__]
+        ),
     }
     try:
         with workspace() as workdir:

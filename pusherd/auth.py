@@ -7,8 +7,8 @@ import uuid
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from pusherd.api.errors import ApiError
 from pusherd.clock import now_ms
+from pusherd.errors import ApiError
 from pusherd.keys import RUNTIME, TOKEN_KEY, request_token
 
 PUBLIC_PATHS = frozenset({"/healthz", "/healthz/", "/openapi.json", "/openapi.json/"})
@@ -41,7 +41,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)  # an unknown route or method, asked anonymously
     runtime = request.app[RUNTIME]
     secret = bearer(request)
-    token = runtime.store.find_token(secret) if secret else None
+    token = await runtime.store.find_token(secret) if secret else None
     if token is None:
         raise ApiError(401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
     state = token.status(now_ms())

@@ -8,8 +8,8 @@ import contextlib
 import signal
 import sys
 import uuid as uuidlib
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import orjson
 import structlog
@@ -26,10 +26,10 @@ from pusherd.config import (
     split_listen,
 )
 from pusherd.log import configure_logging
-from pusherd.store.db import SchemaTooNewError, StoreError, connect_sync, transaction
-from pusherd.store.tokens import create_token, list_tokens, revoke_token
+from pusherd.store import SchemaTooNewError, Store, StoreError, open_store
 
 EXIT_USAGE = 2
+T = TypeVar("T")
 log = structlog.get_logger("pusherd")
 
 
@@ -120,15 +120,24 @@ async def serve(config: Config, config_path: str | None) -> int:
 # -- tokens --------------------------------------------------------------------------------
 
 
-def _open(config: Config) -> Any:
-    try:
-        return connect_sync(config.storage.path)
-    except SchemaTooNewError as exc:
-        raise CliError(str(exc)) from None
-    except (StoreError, OSError) as exc:
-        raise CliError(f"cannot open database {config.storage.path}: {exc}") from None
-    except Exception as exc:  # sqlite3.Error and friends
-        raise CliError(f"cannot open database {config.storage.path}: {exc}") from None
+def with_store(config: Config, use: Callable[[Store], Awaitable[T]]) -> T:
+    """Open the store for one command, run `use` on it, close it (errors as CliError)."""
+
+    async def run() -> T:
+        try:
+            store = await open_store(config.storage, background=False)
+        except SchemaTooNewError as exc:
+            raise CliError(str(exc)) from None
+        except StoreError as exc:
+            raise CliError(str(exc)) from None
+        try:
+            return await use(store)
+        except StoreError as exc:
+            raise CliError(f"{exc}") from None
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
 
 
 def cmd_token_create(args: argparse.Namespace, config: Config) -> int:
@@ -150,23 +159,16 @@ def cmd_token_create(args: argparse.Namespace, config: Config) -> int:
             expires_ms = now_ms() + int(parse_duration(args.expires_in) * 1000)
         except ValueError as exc:
             raise CliError(f"--expires-in: {exc}") from None
-    conn = _open(config)
-    try:
-        with transaction(conn):
-            _, secret = create_token(conn, org, scopes, args.name or "", expires_ms)
-    finally:
-        conn.close()
+    _, secret = with_store(
+        config, lambda store: store.create_token(org, scopes, args.name or "", expires_ms)
+    )
     print(secret)
     return 0
 
 
 def cmd_token_list(args: argparse.Namespace, config: Config) -> int:
     """Print every token (never the secret)."""
-    conn = _open(config)
-    try:
-        tokens = list_tokens(conn)
-    finally:
-        conn.close()
+    tokens = with_store(config, lambda store: store.list_tokens())
     now = now_ms()
     print("id\torganization\tscopes\tname\texpires\tstatus")
     for t in tokens:
@@ -179,12 +181,7 @@ def cmd_token_list(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_token_revoke(args: argparse.Namespace, config: Config) -> int:
     """Revoke a token by id; it stops working at once."""
-    conn = _open(config)
-    try:
-        with transaction(conn):
-            done = revoke_token(conn, args.token_id)
-    finally:
-        conn.close()
+    done = with_store(config, lambda store: store.revoke_token(args.token_id))
     if not done:
         raise CliError(f"no active token with id {args.token_id}")
     print(f"revoked {args.token_id}", file=sys.stderr)

@@ -8,7 +8,7 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from pusherd.runtime import Runtime
-    from pusherd.store.models import Token
+    from pusherd.store.types import Token
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")
 INGEST_APP: web.AppKey[web.Application] = web.AppKey("ingest_app")

@@ -16,7 +16,7 @@ from email.message import EmailMessage
 import structlog
 
 from pusherd.config import SmtpConfig
-from pusherd.store.models import StatusChange
+from pusherd.store.types import StatusChange
 
 log = structlog.get_logger("pusherd.notify")
 PRUNE_MIN = 1024  # entries of the FAILING-notice table before it is swept of expired ones

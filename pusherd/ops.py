@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import sqlite3
 import uuid as uuidlib
 from pathlib import Path
 
-from pusherd.cli import CliError, _open
+from pusherd.cli import CliError, with_store
 from pusherd.clock import now_ms
 from pusherd.config import Config, parse_duration
-from pusherd.store.ops import backup_to, find_subscription, replay_deliveries
+from pusherd.store import Store, StoreError
+from pusherd.store.types import BackupSummary
 
 
 def cmd_replay(args: argparse.Namespace, config: Config) -> int:
@@ -25,9 +25,9 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
             since_ms = now_ms() - int(parse_duration(args.since) * 1000)
         except ValueError as exc:
             raise CliError(f"--since: {exc}") from None
-    conn = _open(config)
-    try:
-        sub = find_subscription(conn, sub_uuid)
+
+    async def replay(store: Store) -> int:
+        sub = await store.find_subscription(sub_uuid)
         if sub is None:
             raise CliError(f"no such subscription: {sub_uuid}")
         if sub.status == "DISABLED":
@@ -35,11 +35,12 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
                 f"subscription {sub_uuid} is DISABLED; set it ACTIVE again first "
                 '(PUT it with {"status": "ACTIVE"} or {"isActive": true}), then replay'
             )
-        queued = replay_deliveries(conn, sub_uuid, since_ms, args.status)
-    except sqlite3.Error as exc:
-        raise CliError(f"replay failed: {exc}") from None
-    finally:
-        conn.close()
+        try:
+            return await store.replay(sub_uuid, since_ms, args.status)
+        except StoreError as exc:
+            raise CliError(f"replay failed: {exc}") from None
+
+    queued = with_store(config, replay)
     what = f"{args.status} " if args.status else ""
     print(f"queued {queued} {what}deliveries of subscription {sub_uuid} for delivery")
     return 0
@@ -54,17 +55,18 @@ def cmd_backup(args: argparse.Namespace, config: Config) -> int:
         ) from None
     if not dest.parent.is_dir():
         raise CliError(f"{dest.parent} is not a directory")
-    conn = _open(config)
-    try:
-        summary = backup_to(conn, dest)
-    except FileExistsError:
-        raise CliError(
-            f"{dest} already exists; choose a new file name (backup never overwrites)"
-        ) from None
-    except (sqlite3.Error, OSError) as exc:
-        raise CliError(f"backup to {dest} failed: {exc}") from None
-    finally:
-        conn.close()
+
+    async def backup(store: Store) -> BackupSummary:
+        try:
+            return await store.backup(dest)
+        except FileExistsError:
+            raise CliError(
+                f"{dest} already exists; choose a new file name (backup never overwrites)"
+            ) from None
+        except (StoreError, OSError) as exc:
+            raise CliError(f"backup to {dest} failed: {exc}") from None
+
+    summary = with_store(config, backup)
     print(
         f"backed up {config.storage.path} to {summary.path}: {summary.size_bytes} bytes,"
         f" schema version {summary.schema_version}, {summary.subscriptions} subscriptions,"

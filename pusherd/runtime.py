@@ -15,10 +15,8 @@ from pusherd.delivery.sender import Sender
 from pusherd.metrics import Metrics
 from pusherd.notify import Notifier
 from pusherd.ratelimit import RateLimiter
-from pusherd.store import SqliteStore, open_store
-from pusherd.store.base import Store
-from pusherd.store.db import StoreError
-from pusherd.store.models import StatusChange
+from pusherd.store import Change, Store, StoreError, open_store
+from pusherd.store.types import StatusChange
 
 log = structlog.get_logger("pusherd")
 
@@ -36,7 +34,7 @@ class Runtime:
         self.metrics = Metrics()
         self.ratelimiter = RateLimiter(config.ratelimit)
         self.notifier = Notifier(config.smtp)
-        self._store: SqliteStore | None = None
+        self._store: Store | None = None
         self._client: HttpClient | None = None
         self._dispatcher: Dispatcher | None = None
         self._purger: asyncio.Task[None] | None = None
@@ -57,21 +55,25 @@ class Runtime:
     async def start(self, *, dispatch: bool = True) -> None:
         """Open the store, the HTTP client and start the dispatcher and the retention purge."""
         cfg = self.config
-        self._store = await open_store(cfg.storage.path)
+        self._store = await open_store(cfg.storage)
         d = cfg.delivery
         self._client = HttpClient(d.allow_private_destinations, max_idle=d.max_in_flight)
         sender = Sender(self._client, d.timeout)
         self._dispatcher = Dispatcher(d, self._store, sender, self.metrics, self.status_changed)
+        self._store.changes.subscribe(self._changed)
         if dispatch:
             self._dispatcher.start()
             self._purger = asyncio.get_running_loop().create_task(self._purge_loop())
-            for sub in self._store.subscriptions_to_close():
+            for sub in await self._store.subscriptions_to_close():
                 self.close_pending_soon(sub)
 
     def status_changed(self, change: StatusChange) -> None:
-        """A subscription's status changed by a delivery outcome: mail, and close if DISABLED."""
+        """A subscription's status changed by a delivery outcome: mail its contact."""
         self.notifier.notify(change)
-        if change.new == "DISABLED":
+
+    def _changed(self, change: Change) -> None:
+        """A deleted or DISABLED subscription's pending deliveries are finished (change feed)."""
+        if change.kind in ("subscription_deleted", "subscription_disabled"):
             self.close_pending_soon(change.subscription)
 
     def close_pending_soon(self, subscription: str) -> None:
@@ -132,7 +134,7 @@ class Runtime:
     async def _purge_loop(self) -> None:
         while True:
             await asyncio.sleep(PURGE_EVERY_S)
-            for sub in self.store.subscriptions_to_close():
+            for sub in await self.store.subscriptions_to_close():
                 self.close_pending_soon(sub)
             try:
                 removed = await self.purge_once()

@@ -8,9 +8,10 @@ import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import pytest
@@ -22,12 +23,27 @@ from pusherd.config import Config, config_from_dict
 from pusherd.httpserver import AppRunner
 from pusherd.keys import INGEST_APP, RUNTIME
 from pusherd.runtime import Runtime
-from pusherd.store.db import connect_sync
-from pusherd.store.tokens import create_token
+from pusherd.store import Store, open_store
 
 ORG = "5a0b9c1e-1d2f-4a3b-8c4d-111111111111"
 OTHER_ORG = "5a0b9c1e-1d2f-4a3b-8c4d-222222222222"
 ALL_SCOPES = ("READ:PURCHASE", "READ:FINANCE", "READ:USERINFO", "READ:PRODUCT")
+T = TypeVar("T")
+
+
+def with_store(path: str, use: Callable[[Store], Awaitable[T]]) -> T:
+    """Run `use` on a store of its own over the file, as a CLI command next to the daemon does
+    (on a thread with its own event loop, so that sync test helpers can call it)."""
+
+    async def run() -> T:
+        store = await open_store(path, background=False)
+        try:
+            return await use(store)
+        finally:
+            await store.close()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, run()).result()
 
 
 def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
@@ -152,14 +168,10 @@ class Harness:
         expires_ms: int | None = None,
         name: str = "",
     ) -> str:
-        """A new API token, written straight to the database (as `pusherd token create` does)."""
-        conn = connect_sync(self.config.storage.path)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            _, secret = create_token(conn, org, scopes, name, expires_ms)
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
+        """A new API token, written by a store of its own (as `pusherd token create` does)."""
+        _, secret = with_store(
+            self.config.storage.path, lambda s: s.create_token(org, scopes, name, expires_ms)
+        )
         return secret
 
     @staticmethod

@@ -8,7 +8,7 @@ import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from pusherd.store.models import ClaimedDelivery
+from pusherd.store.types import ClaimedDelivery
 
 Handler = Callable[["RawServer", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 MakeServer = Callable[..., Awaitable["RawServer"]]

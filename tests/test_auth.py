@@ -13,9 +13,7 @@ from typing import Any
 import pytest
 import structlog
 
-from pusherd.store.db import connect_sync
-from pusherd.store.tokens import list_tokens, revoke_token
-from tests.conftest import ORG, OTHER_ORG, Harness
+from tests.conftest import ORG, OTHER_ORG, Harness, with_store
 from tests.rawhttp import api_port, ingest_port, request, send
 
 BASE = "/organizations/self/subscriptions"
@@ -63,14 +61,10 @@ def _endpoints(sub_uuid: str, org: str = "self") -> list[tuple[str, str]]:
 
 
 def _revoke(h: Harness, name: str) -> None:
-    conn = connect_sync(h.config.storage.path)
-    try:
-        (token_id,) = [t.id for t in list_tokens(conn) if t.name == name]
-        conn.execute("BEGIN IMMEDIATE")
-        assert revoke_token(conn, token_id)
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
+    """Revoke from a store of its own (as `pusherd token revoke` does, next to the daemon)."""
+    path = h.config.storage.path
+    (token_id,) = [t.id for t in with_store(path, lambda s: s.list_tokens()) if t.name == name]
+    assert with_store(path, lambda s: s.revoke_token(token_id))
 
 
 @pytest.mark.parametrize(

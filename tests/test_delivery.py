@@ -18,7 +18,7 @@ from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
 from pusherd import __version__
-from pusherd.store.models import DeliveryView
+from pusherd.store.types import DeliveryView
 from tests.conftest import ORG, Harness, Receiver
 
 HarnessFactory = Callable[..., Awaitable[Harness]]

@@ -1,5 +1,5 @@
 """The dispatcher's scheduling (SPEC §3, §4, §6): subscription changes while deliveries are queued,
-fresh deliveries handed over at ingest, dead owners' leases, prompt retries."""
+fresh deliveries in ingest order, dead owners' leases, prompt retries."""
 
 from __future__ import annotations
 
@@ -19,8 +19,6 @@ import pytest
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
-from pusherd.delivery.dispatcher import Dispatcher
-from pusherd.store.models import ClaimedDelivery, NewEvent
 from tests.conftest import ORG, Harness, Receiver
 from tests.service import free_port
 from tests.test_crash import Daemon, start_receiver
@@ -298,55 +296,29 @@ async def test_fresh_deliveries_arrive_in_ingest_order_with_one_attempt_each(
     assert rows == [("delivered", 1, 1)] * 51
 
 
-async def subscribed_and_idle(h: Harness, receiver: Receiver) -> tuple[dict[str, Any], Dispatcher]:
-    """Subscribe the receiver, let its TestMessage go out; the subscription and dispatcher."""
-    sub = await h.subscribe(h.token(), receiver.url)
+async def test_fresh_deliveries_to_a_healthy_destination_are_taken_at_ingest(
+    harness: Harness, receiver: Receiver
+) -> None:
+    # Once its destination has answered, a fresh delivery is created leased to the dispatcher
+    # in the ingest's own commit and sent without a claim (a claim would wait for a commit).
+    h = harness
+    await h.subscribe(h.token(), receiver.url)
     await receiver.wait_for(1, "TestMessage")
-    await h.idle()
-    return sub, h.runtime.dispatcher
+    d = h.runtime.dispatcher
+    taken: list[str] = []
+    real = d.taken
 
+    def spy(rows: list[Any]) -> None:
+        taken.extend(r.message_id for r in rows)
+        real(rows)
 
-async def test_rows_an_ingest_left_in_the_table_wait_for_the_ones_it_hands_over(
-    harness: Harness, receiver: Receiver
-) -> None:
-    # An ingest hands the first rows of a subscription to the dispatcher and leaves the rest
-    # in the table (no room). Between its commit and the hand-over, a slot frees up: the
-    # claim loop must not send a row of the table ahead of the rows being handed over.
-    h = harness
-    sub, d = await subscribed_and_idle(h, receiver)
-    origin = d._sub_origin[sub["uuid"]]
-    origin.promised += 1  # one slot held, as by an attempt in flight
-    taking = d.taking()
-    events = [NewEvent(ORG, "ProductCreated", "{}", f"gap-{i}", None) for i in range(40)]
-    handed: list[ClaimedDelivery] = []
-    try:
-        results = await h.runtime.store.ingest(events, h.runtime.catalogue.matches, taking)
-        handed = [x for r in results for x in r.handed]
-        assert 0 < len(handed) < 40  # some handed over, the rest left in the table
-        origin.promised -= 1  # the slot frees up before the hand-over
-        d.wake()
-        await asyncio.sleep(0.3)  # the claim loop runs meanwhile
-    finally:
-        d.accept(taking, handed)
-    await receiver.wait_for(40, "ProductCreated")
-    assert message_ids(receiver) == [f"gap-{i}" for i in range(40)]
-
-
-async def test_a_hand_over_given_up_on_before_its_write_holds_nothing_back(
-    harness: Harness, receiver: Receiver
-) -> None:
-    # An ingest handler cancelled before its group commit ran: accept() comes first, then the
-    # shared write asks wants(). Nothing may stay promised, or the subscription would never
-    # be claimed from again.
-    h = harness
-    sub, d = await subscribed_and_idle(h, receiver)
-    taking = d.taking()
-    d.accept(taking, [])
-    assert not taking.wants(sub["uuid"])
-    assert sub["uuid"] not in d._handing
-    assert d._sub_origin[sub["uuid"]].promised == 0
-    await h.emit(messageId="after")
-    await receiver.wait_for(1, "ProductCreated")
+    d.taken = spy  # type: ignore[method-assign]
+    ids = [f"fresh-{i}" for i in range(5)]
+    for n, i in enumerate(ids, start=1):
+        await h.emit(messageId=i)
+        await receiver.wait_for(n, "ProductCreated")
+    assert taken == ids
+    assert message_ids(receiver) == ids
 
 
 async def test_large_batch_to_a_slow_receiver_arrives_complete_and_in_order(

@@ -13,7 +13,6 @@ from typing import Any
 import orjson
 import pytest
 
-from pusherd.store.db import connect_sync
 from tests.conftest import ORG, OTHER_ORG, Harness, Receiver
 
 HarnessFactory = Callable[..., Awaitable[Harness]]
@@ -42,19 +41,13 @@ def assert_error(status: int, body: Any, expected: int) -> None:
 
 def stored_events(h: Harness) -> int:
     """How many events the database file holds, read on a separate connection."""
-    conn = connect_sync(h.config.storage.path)
-    try:
+    with contextlib.closing(sqlite3.connect(h.config.storage.path)) as conn:
         return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
-    finally:
-        conn.close()
 
 
 def stored_deliveries(h: Harness) -> int:
-    conn = connect_sync(h.config.storage.path)
-    try:
+    with contextlib.closing(sqlite3.connect(h.config.storage.path)) as conn:
         return int(conn.execute("SELECT count(*) FROM deliveries").fetchone()[0])
-    finally:
-        conn.close()
 
 
 # -- answers ---------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from pusherd.config import SmtpConfig
 from pusherd.notify import Notifier
-from pusherd.store.models import StatusChange
+from pusherd.store.types import StatusChange
 from tests.conftest import ORG, Harness, Receiver, make_config
 
 ReceiverFactory = Callable[..., Awaitable[Receiver]]

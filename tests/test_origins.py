@@ -74,7 +74,7 @@ def test_breaker_pause_doubles_up_to_ten_minutes() -> None:
 
 
 def make_origin(limits: Limits, name: str = "http://127.0.0.1:1") -> Origin:
-    return Origin(name, Breaker(first_pause_s=30.0), limits, subscriptions=["s"])
+    return Origin(name, Breaker(first_pause_s=30.0), limits)
 
 
 # outcomes -> (limit, tier) after each
@@ -188,9 +188,9 @@ def test_may_start_within_cap_and_share() -> None:
 
 
 def held(limits: Limits, name: str, rows: int, failures: int = 0, proven: bool = False) -> Origin:
-    """An origin holding `rows` rows (being handed over) in a given state."""
+    """An origin holding `rows` rows (claimed, not started) in a given state."""
     o = make_origin(limits, name)
-    o.promised = rows
+    o.in_flight = rows
     o.breaker.failures = failures
     o.proven = proven
     o.limit = 8 if proven else 1
@@ -230,14 +230,14 @@ def test_claims_bound_the_rows_of_any_number_of_new_origins() -> None:
 def test_prune_forgets_only_idle_origins_without_subscriptions() -> None:
     limits = Limits(per_destination=8, max_in_flight=8)
     table = {}
-    for name, subs, in_flight, promised in [
-        ("http://a:1", ["s"], 0, 0),
-        ("http://b:1", [], 0, 0),
-        ("http://c:1", [], 1, 0),
-        ("http://d:1", [], 0, 1),
+    for name, in_flight, sending in [
+        ("http://a:1", 0, 0),
+        ("http://b:1", 0, 0),
+        ("http://c:1", 1, 0),
+        ("http://d:1", 0, 1),
     ]:
         o = make_origin(limits, name)
-        o.subscriptions, o.in_flight, o.promised = subs, in_flight, promised
+        o.in_flight, o.sending = in_flight, sending
         table[name] = o
-    assert prune(table) == ["http://b:1"]
+    assert prune(table, in_use={"http://a:1"}) == ["http://b:1"]
     assert sorted(table) == ["http://a:1", "http://c:1", "http://d:1"]

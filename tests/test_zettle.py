@@ -84,10 +84,10 @@ async def live(harness_factory: HarnessFactory) -> Harness:
     return await harness_factory()
 
 
-async def wait_until(check: Callable[[], bool], within_s: float = 10.0) -> None:
-    """Poll a condition with a deadline."""
+async def wait_until(check: Callable[[], Any], within_s: float = 10.0) -> None:
+    """Poll a (sync or async) condition with a deadline."""
     deadline = time.monotonic() + within_s
-    while not check():
+    while not ((await r) if asyncio.iscoroutine(r := check()) else r):
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
@@ -649,9 +649,12 @@ async def test_status_active_reenables_a_disabled_subscription(
     token = live.token()
     sub = await live.subscribe(token, rec.url, ["ProductCreated"])
     await rec.wait_for(1, "TestMessage")
-    await wait_until(
-        lambda: live.runtime.store.get_subscription(ORG, sub["uuid"]).status == "DISABLED"  # type: ignore[union-attr]
-    )
+
+    async def disabled() -> bool:
+        found = await live.runtime.store.get_subscription(ORG, sub["uuid"])
+        return found is not None and found.status == "DISABLED"
+
+    await wait_until(disabled)
     assert (await _one(live, token))["status"] == "DISABLED"
     answer = await live.emit("ProductCreated")
     assert answer["deliveries"] == 0
@@ -854,7 +857,7 @@ async def test_the_woocommerce_plugin_lifecycle_over_a_raw_socket(harness: Harne
         assert (await _one(harness, token))["destination"] == f"{PUBLIC}/{i}"
     answer = await send(port, request("DELETE", f"{BASE}/uuid/{sub_uuid}", auth, b"[]"))
     assert answer.status == 204, answer
-    assert harness.runtime.store.get_subscription(ORG, sub_uuid) is None
+    assert await harness.runtime.store.get_subscription(ORG, sub_uuid) is None
     for path in (f"{BASE}/uuid/{sub_uuid}", f"{BASE}/uuid/{sub_uuid}/", f"{BASE}/{sub_uuid}/"):
         for method in ("GET", "DELETE"):
             answer = await send(port, request(method, path, auth, b"[]"))

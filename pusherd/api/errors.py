@@ -12,22 +12,13 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
+from pusherd.errors import ApiError as ApiError
 from pusherd.log import info_enabled
-from pusherd.store.db import StoreError
+from pusherd.store.errors import StoreError
 
 log = structlog.get_logger("pusherd.http")
 
 JSON = "application/json"
-
-
-class ApiError(Exception):
-    """An error answer with a status code and a message."""
-
-    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = dict(headers or {})
 
 
 def json_response(

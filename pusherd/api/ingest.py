@@ -15,7 +15,7 @@ from pusherd.auth import bearer
 from pusherd.clock import parse_iso
 from pusherd.keys import RUNTIME
 from pusherd.metrics import CONTENT_TYPE
-from pusherd.store.models import ClaimedDelivery, IngestResult, NewEvent
+from pusherd.store.types import IngestResult, NewEvent
 
 MAX_BATCH = 1000
 MESSAGE_ID_MAX = 200
@@ -103,17 +103,10 @@ async def post_events(request: web.Request) -> web.Response:
     events = [
         _event(item, catalogue, f"events[{i}]: " if batch else "") for i, item in enumerate(items)
     ]
-    taking = runtime.dispatcher.taking()
-    handed: list[ClaimedDelivery] = []
-    try:
-        results = await runtime.store.ingest(events, catalogue.matches, taking)
-        handed = [d for r in results for d in r.handed]
-    finally:
-        runtime.dispatcher.accept(taking, handed)
+    results = await runtime.store.ingest(events, catalogue.matches)
     fresh = sum(1 for r in results if not r.duplicate)
     if fresh:
-        runtime.metrics.events_ingested.inc(fresh)
-        runtime.dispatcher.wake()
+        runtime.metrics.events_ingested.inc(fresh)  # the store's change feed wakes the dispatcher
     if batch:
         return json_response([_answer(r, True) for r in results], status=202)
     r = results[0]

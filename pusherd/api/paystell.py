@@ -20,7 +20,7 @@ from pusherd.api.errors import ApiError, json_response, read_json
 from pusherd.clock import iso_ms, iso_or_none
 from pusherd.keys import RUNTIME, request_token
 from pusherd.runtime import Runtime
-from pusherd.store.models import (
+from pusherd.store.types import (
     AttemptRecord,
     DeliveryView,
     NewEvent,
@@ -113,20 +113,20 @@ def _webhook_id(value: str) -> str:
         raise ApiError(404, "no such webhook") from None
 
 
-def _by_id(runtime: Runtime, org: str, value: str) -> Subscription:
-    sub = runtime.store.get_subscription(org, _webhook_id(value))
+async def _by_id(runtime: Runtime, org: str, value: str) -> Subscription:
+    sub = await runtime.store.get_subscription(org, _webhook_id(value))
     if sub is None:
         raise ApiError(404, "no such webhook")
     return sub
 
 
-def _chosen(request: web.Request, *, none_ok: bool = False) -> Subscription | None:
+async def _chosen(request: web.Request, *, none_ok: bool = False) -> Subscription | None:
     """The webhook `?id=` names, or the organization's only one (409 when there are several)."""
     runtime = request.app[RUNTIME]
     org = request_token(request).organization
     if "id" in request.query:
-        return _by_id(runtime, org, request.query["id"])
-    hooks = runtime.store.list_subscriptions(org)
+        return await _by_id(runtime, org, request.query["id"])
+    hooks = await runtime.store.list_subscriptions(org)
     if len(hooks) > 1:
         raise ApiError(
             409, f"this organization has {len(hooks)} webhooks; say which one with ?id=UUID"
@@ -138,8 +138,8 @@ def _chosen(request: web.Request, *, none_ok: bool = False) -> Subscription | No
     return hooks[0]
 
 
-def _chosen_one(request: web.Request) -> Subscription:
-    sub = _chosen(request)
+async def _chosen_one(request: web.Request) -> Subscription:
+    sub = await _chosen(request)
     assert sub is not None
     return sub
 
@@ -196,7 +196,7 @@ async def update(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     token = request_token(request)
     f = await _body(request)
-    sub = _chosen_one(request)
+    sub = await _chosen_one(request)
     try:
         names = None
         if "eventTypes" in f:
@@ -229,13 +229,13 @@ async def update(request: web.Request) -> web.Response:
 
 async def get_one(request: web.Request) -> web.Response:
     """GET /api/webhooks/register: the webhook."""
-    return success(webhook_json(_chosen_one(request)))
+    return success(webhook_json(await _chosen_one(request)))
 
 
 async def delete(request: web.Request) -> web.Response:
     """DELETE /api/webhooks/register: remove it and cancel its pending deliveries."""
     runtime = request.app[RUNTIME]
-    sub = _chosen_one(request)
+    sub = await _chosen_one(request)
     if not await subs.delete(runtime, sub.organization, sub.uuid):
         raise ApiError(404, "no such webhook")
     return success(message="Webhook deleted successfully")
@@ -245,13 +245,13 @@ async def list_all(request: web.Request) -> web.Response:
     """GET /api/webhooks: every webhook of the organization."""
     runtime = request.app[RUNTIME]
     org = request_token(request).organization
-    return success([webhook_json(s) for s in runtime.store.list_subscriptions(org)])
+    return success([webhook_json(s) for s in await runtime.store.list_subscriptions(org)])
 
 
 async def generate_secret(request: web.Request) -> web.Response:
     """POST /api/webhooks/generate-secret: a new secret, made the webhook's signing key."""
     runtime = request.app[RUNTIME]
-    sub = _chosen(request, none_ok=True)
+    sub = await _chosen(request, none_ok=True)
     secret = subs.new_signing_key()
     if sub is None:
         return success(
@@ -263,7 +263,6 @@ async def generate_secret(request: web.Request) -> web.Response:
     )
     if not rotated:
         raise ApiError(404, "no such webhook")
-    await runtime.dispatcher.refresh_subscription(sub.uuid)
     return success(
         {"secret": secret, "webhookId": sub.uuid},
         "Secret generated; the previous one keeps signing alongside it for 24 hours",
@@ -285,7 +284,6 @@ async def _send_test(
 ) -> web.Response:
     event = NewEvent(org, name, TEST_PAYLOAD, None, None)
     result = await runtime.store.send_to(event, [s.uuid for s in targets])
-    runtime.dispatcher.wake(everything=True)
     events = [
         {"webhookId": s.uuid, "eventId": str(i)}
         for s, i in zip(targets, result.delivery_ids, strict=True)
@@ -300,7 +298,7 @@ async def test_all(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     org = request_token(request).organization
     name = await _test_event_name(request)
-    targets = [s for s in runtime.store.list_subscriptions(org) if s.status != "DISABLED"]
+    targets = [s for s in await runtime.store.list_subscriptions(org) if s.status != "DISABLED"]
     if not targets:
         raise ApiError(404, "no active webhook to send a test to")
     return await _send_test(runtime, org, name, targets)
@@ -310,7 +308,7 @@ async def test_one(request: web.Request) -> web.Response:
     """POST /api/webhooks/{id}/test: one test message to that webhook."""
     runtime = request.app[RUNTIME]
     org = request_token(request).organization
-    sub = _by_id(runtime, org, request.match_info["id"])
+    sub = await _by_id(runtime, org, request.match_info["id"])
     name = await _test_event_name(request)
     if sub.status == "DISABLED":
         raise ApiError(409, "this webhook is not active; set isActive to true first")
@@ -330,7 +328,7 @@ async def list_events(request: web.Request) -> web.Response:
     """GET /api/webhooks/{id}/events: its deliveries, newest first, cursor-paginated."""
     runtime = request.app[RUNTIME]
     org = request_token(request).organization
-    sub = _by_id(runtime, org, request.match_info["id"])
+    sub = await _by_id(runtime, org, request.match_info["id"])
     status = request.query.get("status")
     if status is not None and status not in EVENT_STATUSES:
         raise ApiError(400, "status must be one of pending, delivered, failed")
@@ -362,7 +360,7 @@ async def retry_event(request: web.Request) -> web.Response:
     d = await runtime.store.get_delivery(delivery_id, org)
     if d is None:
         raise ApiError(404, "no such event")
-    sub = runtime.store.get_subscription(org, d.subscription)
+    sub = await runtime.store.get_subscription(org, d.subscription)
     if sub is not None and sub.status == "DISABLED":
         raise ApiError(409, "this webhook is not active; set isActive to true first")
     outcome = await runtime.store.requeue(delivery_id, org)
@@ -370,7 +368,6 @@ async def retry_event(request: web.Request) -> web.Response:
         raise ApiError(404, "no such event")
     if outcome == "pending":
         raise ApiError(409, "this event is still pending; it can be retried once it has finished")
-    runtime.dispatcher.wake(everything=True)
     return success(
         {"jobId": str(delivery_id), "status": "pending"}, "Webhook queued for retry", 202
     )
@@ -381,9 +378,9 @@ async def metrics(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     org = request_token(request).organization
     if "id" in request.query:
-        uuids = [_by_id(runtime, org, request.query["id"]).uuid]
+        uuids = [(await _by_id(runtime, org, request.query["id"])).uuid]
     else:
-        uuids = [s.uuid for s in runtime.store.list_subscriptions(org)]
+        uuids = [s.uuid for s in await runtime.store.list_subscriptions(org)]
     c = await runtime.store.delivery_counts(uuids)
     finished = c.delivered + c.failed
     rate = round(c.delivered / finished * 100, 2) if finished else 0

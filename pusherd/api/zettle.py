@@ -13,7 +13,7 @@ from pusherd.auth import resolve_org
 from pusherd.clock import iso_ms
 from pusherd.keys import RUNTIME, request_token
 from pusherd.store import UuidTakenError
-from pusherd.store.models import Subscription, SubscriptionChanges
+from pusherd.store.types import Subscription, SubscriptionChanges
 
 UNPROCESSABLE_FIELDS = frozenset({"destination", "contactEmail"})
 ARRAY_FIELDS = frozenset({"eventNames"})
@@ -104,14 +104,14 @@ async def list_subscriptions(request: web.Request) -> web.Response:
     """GET: the organization's subscriptions."""
     runtime = request.app[RUNTIME]
     org = resolve_org(request, request.match_info["organizationUuid"])
-    return json_response([to_json(s) for s in runtime.store.list_subscriptions(org)])
+    return json_response([to_json(s) for s in await runtime.store.list_subscriptions(org)])
 
 
 async def get_subscription(request: web.Request) -> web.Response:
     """GET one subscription (200 with it; 404 when the organization has none by that uuid)."""
     runtime = request.app[RUNTIME]
     org = resolve_org(request, request.match_info["organizationUuid"])
-    sub = runtime.store.get_subscription(org, _sub_uuid(request))
+    sub = await runtime.store.get_subscription(org, _sub_uuid(request))
     if sub is None:
         raise ApiError(404, "no such subscription")
     return json_response(to_json(sub))
@@ -124,7 +124,7 @@ async def update_subscription(request: web.Request) -> web.Response:
     org = resolve_org(request, request.match_info["organizationUuid"])
     sub_uuid = _sub_uuid(request)
     f = await _fields(request)
-    if runtime.store.get_subscription(org, sub_uuid) is None:
+    if await runtime.store.get_subscription(org, sub_uuid) is None:
         raise ApiError(404, "no such subscription")
     catalogue = runtime.catalogue
     try:

@@ -19,11 +19,11 @@ holds a slot of `max_in_flight` until the timeout, so the slots an origin may ho
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pusherd.store.models import ClaimedDelivery
+from pusherd.store.types import ClaimedDelivery
 
 QUEUE_FACTOR = 3  # claimed rows ready behind an origin's in-flight attempts, per slot
 BREAKER_THRESHOLD = 5
@@ -122,11 +122,8 @@ class Origin:
     breaker: Breaker
     limits: Limits
     in_flight: int = 0
-    promised: int = 0  # fresh deliveries an ingest is handing over (not committed yet)
     sending: int = 0  # attempts started whose request is not on the wire yet
     waiting: deque[ClaimedDelivery] = field(default_factory=deque)
-    subscriptions: list[str] = field(default_factory=list)
-    turn: int = 0  # round-robin start among its subscriptions
     limit: int = 1  # slow start: attempts it may have in flight (up to per_destination)
     proven: bool = False  # its last attempt succeeded, within PROVEN_FOR_S
     last_success: float = 0.0  # monotonic
@@ -155,16 +152,16 @@ class Origin:
         return self.free(per_destination)
 
     def free(self, per_destination: int) -> int:
-        """Room left for rows in flight, ready, or being handed over."""
+        """Room left for rows in flight or ready."""
         return self.cap(per_destination) * (1 + QUEUE_FACTOR) - self.held()
 
     def held(self) -> int:
-        """Rows it holds: in flight, ready, or being handed over."""
-        return self.in_flight + len(self.waiting) + self.promised
+        """Rows it holds: in flight or ready."""
+        return self.in_flight + len(self.waiting)
 
     def idle(self) -> bool:
-        """No subscription points at it and it holds nothing: it may be forgotten."""
-        return not self.subscriptions and not self.held() and not self.sending
+        """It holds nothing: it may be forgotten once no subscription points at it."""
+        return not self.held() and not self.sending
 
     def may_start(self, per_destination: int) -> bool:
         """Whether one more attempt may start (besides max_in_flight and the breaker)."""
@@ -243,9 +240,10 @@ class Claims:
             self.failing_left -= rows
 
 
-def prune(origins: dict[str, Origin]) -> list[str]:
-    """Drop origins no subscription points at and that hold nothing; return their names."""
-    gone = [name for name, origin in origins.items() if origin.idle()]
+def prune(origins: dict[str, Origin], in_use: Collection[str]) -> list[str]:
+    """Drop origins that hold nothing and that no subscription points at (not in in_use);
+    return their names."""
+    gone = [name for name, origin in origins.items() if origin.idle() and name not in in_use]
     for name in gone:
         del origins[name]
     return gone

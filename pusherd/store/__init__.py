@@ -1,42 +1,38 @@
-"""The only package that speaks SQL. API and delivery code use `Store` (a Protocol)."""
+"""The only package that speaks SQL. The rest of pusherd uses `Store` (store/interface.py), the
+types of store/types.py and the errors of store/errors.py; `open_store` picks the backend."""
 
 from __future__ import annotations
 
-from pusherd.store.base import Store
-from pusherd.store.db import Database, SchemaTooNewError, StoreError
-from pusherd.store.deliveries import DeliveryStore
-from pusherd.store.events import EventStore
-from pusherd.store.ids import IdSource
-from pusherd.store.subscriptions import SubscriptionStore, UuidTakenError
-from pusherd.store.tokens import TokenStore
+from pusherd.config import StorageConfig
+from pusherd.store.changes import Change, ChangeFeed
+from pusherd.store.errors import SchemaTooNewError, StoreError, UuidTakenError
+from pusherd.store.interface import Store
 
 
-class SqliteStore(TokenStore, EventStore, SubscriptionStore, DeliveryStore):
-    """The SQLite implementation of Store."""
+async def open_store(config: StorageConfig | str, *, background: bool = True) -> Store:
+    """Open the configured backend: the SQLite file at `storage.path` (the only one so far).
 
-    def __init__(self, db: Database) -> None:
-        self.db = db
-        self.ids = IdSource()
-        self.targets_cache = {}
-        self.ingest_group = None
-        self._records = []
+    `config` is the [storage] section (or a path, for tools and tests). `background=False` for
+    a short-lived command (token, replay, backup) run next to a daemon: no upkeep of its own.
+    """
+    if isinstance(config, str):
+        path = config
+    else:
+        if getattr(config, "url", None):
+            raise StoreError(
+                "storage.url is set, but this pusherd has no PostgreSQL backend yet;"
+                " remove storage.url to use the SQLite file at storage.path"
+            )
+        path = config.path
+    from pusherd.store.sqlite import open_sqlite
 
-    async def close(self) -> None:
-        """Flush and close the database."""
-        await self.db.close()
-
-
-async def open_store(path: str) -> SqliteStore:
-    """Open (creating and migrating if needed) the SQLite file."""
-    db = Database(path)
-    await db.open()
-    return SqliteStore(db)
+    return await open_sqlite(path, background=background)
 
 
 __all__ = [
-    "Database",
+    "Change",
+    "ChangeFeed",
     "SchemaTooNewError",
-    "SqliteStore",
     "Store",
     "StoreError",
     "UuidTakenError",

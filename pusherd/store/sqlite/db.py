@@ -21,6 +21,9 @@ from typing import Any, TypeVar
 import aiosqlite
 import structlog
 
+from pusherd.store.errors import SchemaTooNewError, StoreError
+from pusherd.store.sqlite.queues import register_functions
+
 T = TypeVar("T")
 log = structlog.get_logger("pusherd.store")
 
@@ -29,17 +32,9 @@ GROUP_WINDOW_S = 0.005
 CHECKPOINT_EVERY_S = 0.5
 
 
-class StoreError(Exception):
-    """The store could not commit (disk full, I/O error, locked too long)."""
-
-
-class SchemaTooNewError(StoreError):
-    """The database was written by a newer pusherd."""
-
-
 def migrations() -> list[tuple[int, str]]:
-    """Ordered (version, sql) pairs from store/migrations/NNNN_name.sql."""
-    folder = resources.files("pusherd.store") / "migrations"
+    """Ordered (version, sql) pairs from store/sqlite/migrations/NNNN_name.sql."""
+    folder = resources.files("pusherd.store.sqlite") / "migrations"
     found = []
     for entry in folder.iterdir():
         name = entry.name
@@ -82,6 +77,7 @@ def migrate(conn: sqlite3.Connection, target: int | None = None) -> int:
     steps = migrations()
     target = len(steps) if target is None else target
     current = check_version(conn)
+    register_functions(conn)
     for version, sql in steps[current:target]:
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -153,8 +149,11 @@ class Database:
     connection on the loop's thread, so they never wait for a commit in flight.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, background: bool = True) -> None:
         self.path = str(path)
+        # False for a short-lived command next to a running daemon: no checkpoints of its own,
+        # and no WAL truncation at close (the daemon's writes would wait for it).
+        self.background = background
         self._writer: sqlite3.Connection | None = None
         self._quick: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
@@ -178,7 +177,8 @@ class Database:
         self._reader = await aiosqlite.connect(self.path)
         await self._reader.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pusherd-commit")
-        self._checkpointer = asyncio.get_running_loop().create_task(self._checkpoint_loop())
+        if self.background:
+            self._checkpointer = asyncio.get_running_loop().create_task(self._checkpoint_loop())
 
     async def _checkpoint_loop(self) -> None:
         while True:
@@ -207,7 +207,7 @@ class Database:
         if self._syncer is not None:
             self._syncer.shutdown(wait=True)
             self._syncer = None
-        if self._writer is not None:
+        if self._writer is not None and self.background:
             with contextlib.suppress(sqlite3.Error):
                 self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         if self._reader is not None:

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
 from pusherd.clock import iso_ms, now_ms
-from pusherd.store.db import Database
+from pusherd.store.changes import Change, ChangeFeed
 from pusherd.store.ids import IdSource
-from pusherd.store.models import ClaimedDelivery, IngestResult, NewEvent
+from pusherd.store.sqlite import queues
+from pusherd.store.sqlite.db import Database
+from pusherd.store.types import ClaimedDelivery, Handover, IngestResult, Matcher, NewEvent, Taker
 
-# (event_name, subscription event_names, subscription scopes) -> wanted?
-Matcher = Callable[[str, Sequence[str], Sequence[str]], bool]
+_QUEUED = Change("deliveries_queued")
 
 
 CHUNKS = (256, 64, 16, 4, 1)  # multi-row statement sizes: few shapes for the statement cache
@@ -57,23 +58,26 @@ def _insert_many(
 
 @dataclass
 class Fanout:
-    """One event to insert and the subscriptions it goes to (taken: handed over leased to
-    taker, the dispatcher of the ingest it came with)."""
+    """One event to insert and the subscriptions it goes to."""
 
     event: NewEvent
     subscriptions: Sequence[str]
-    taken: Mapping[str, Target] = field(default_factory=dict)
-    taker: Taker | None = None
 
 
 def insert_events(
-    conn: sqlite3.Connection, ids: IdSource, fanouts: Sequence[Fanout], now: int
+    conn: sqlite3.Connection,
+    ids: IdSource,
+    fanouts: Sequence[Fanout],
+    now: int,
+    handover: Handover | None = None,
+    handed: list[ClaimedDelivery] | None = None,
 ) -> list[IngestResult]:
     """Insert events and a pending delivery to each of their subscriptions, in order.
 
     Two multi-row statements do the work of two statements per event. An event whose messageId
     is already stored for its organization (or comes earlier in `fanouts`) is a duplicate:
-    nothing is written for it and the original messageUuid is returned.
+    nothing is written for it and the original messageUuid is returned. With a handover, the
+    deliveries it has room for are created leased to its owner and appended to `handed`.
     """
     now_iso = iso_ms(now)
     uuids = [ids.uuid1() for _ in fanouts]
@@ -107,15 +111,9 @@ def insert_events(
         seqs.append(seq)
         if seq is None:
             continue
-        taker = f.taker
         for sub in f.subscriptions:
-            if taker is not None and sub in f.taken:
-                # Born leased to the dispatcher that asked for it: no claim needed (its lease
-                # and the dead-owner recovery keep it safe exactly like a claimed row).
-                until = now + taker.lease_ms
-                rows.append((seq, sub, "pending", until, now, taker.owner, until))
-            else:
-                rows.append((seq, sub, "pending", now, now, None, None))
+            rows.append((seq, sub, "pending", now, now, None, None))
+    leased = _lease_fresh(conn, rows, handover, now) if handover is not None and rows else {}
     delivery_ids = {
         (seq, sub): i
         for i, seq, sub in _insert_many(
@@ -126,6 +124,14 @@ def insert_events(
             rows,
         )
     }
+    queues.fresh_rows(conn, {str(r[1]) for r in rows if r[5] is None}, now)
+    if leased:
+        assert handover is not None and handed is not None
+        until = now + handover.lease_ms
+        queues.fresh_rows(conn, {str(r[1]) for r in rows if r[5] is not None}, until)
+        handed.extend(
+            _handed(conn, fanouts, seqs, uuids, message_ids, delivery_ids, leased, now_iso, now)
+        )
     results = []
     for f, u, mid, seq in zip(fanouts, uuids, message_ids, seqs, strict=True):
         event = f.event
@@ -138,28 +144,95 @@ def insert_events(
             results.append(IngestResult(original[0], mid, original[1], duplicate=True))
             continue
         ids_of_event = tuple([delivery_ids[(seq, sub)] for sub in f.subscriptions])
-        if not f.taken or f.taker is None:
-            results.append(IngestResult(u, mid, len(ids_of_event), False, ids_of_event))
-            continue
-        handed = tuple(
-            ClaimedDelivery(
-                id=delivery_ids[(seq, sub)],
-                subscription=sub,
-                attempts=0,
-                schedule_pos=0,
-                organization=event.organization,
-                message_uuid=u,
-                event_name=event.event_name,
-                message_id=mid,
-                payload=event.payload,
-                timestamp=event.timestamp or now_iso,
-                destination=target.destination,
-                signing_keys=target.keys(now),
-            )
-            for sub, target in f.taken.items()
-        )
-        results.append(IngestResult(u, mid, len(ids_of_event), False, ids_of_event, handed))
+        results.append(IngestResult(u, mid, len(ids_of_event), False, ids_of_event))
     return results
+
+
+def _lease_fresh(
+    conn: sqlite3.Connection, rows: list[tuple[object, ...]], handover: Handover, now: int
+) -> dict[str, int]:
+    """Turn the rows the handover has room for into rows leased to its owner, in place.
+
+    A subscription's row is taken only while nothing of it is due unclaimed (older rows are in
+    flight or waiting for a retry, or there are none), and once one of its rows is left in the
+    table, its later rows are left too: a fresh delivery never overtakes an older one.
+    Returns subscription -> rows taken.
+    """
+    subs = {str(r[1]) for r in rows} - handover.skip
+    open_subs = {
+        str(sub): str(origin)
+        for sub, origin, due in conn.execute(
+            "SELECT subscription, origin, next_due_ms FROM queues"
+            " WHERE subscription IN (SELECT value FROM json_each(?))",
+            (queues.id_list(subs),),
+        ).fetchall()
+        if due is None or due > now
+    }
+    room = dict(handover.room)
+    until = now + handover.lease_ms
+    taken: dict[str, int] = {}
+    for i, (seq, sub, *_) in enumerate(rows):
+        origin = open_subs.get(str(sub))
+        if origin is None:
+            continue
+        if room.get(origin, 0) > 0:
+            room[origin] -= 1
+            rows[i] = (seq, sub, "pending", until, now, handover.owner, until)
+            taken[str(sub)] = taken.get(str(sub), 0) + 1
+        else:
+            del open_subs[str(sub)]
+    return taken
+
+
+def _handed(
+    conn: sqlite3.Connection,
+    fanouts: Sequence[Fanout],
+    seqs: Sequence[int | None],
+    uuids: Sequence[str],
+    message_ids: Sequence[str],
+    delivery_ids: dict[tuple[int, str], int],
+    leased: dict[str, int],
+    now_iso: str,
+    now: int,
+) -> list[ClaimedDelivery]:
+    """What the taker needs to send the leased rows, in ingest order."""
+    keys = {
+        str(r[0]): r[1:]
+        for r in conn.execute(
+            "SELECT uuid, destination, signing_key, prev_signing_key, prev_key_until_ms"
+            " FROM subscriptions WHERE uuid IN (SELECT value FROM json_each(?))",
+            (queues.id_list(leased),),
+        ).fetchall()
+    }
+    left = dict(leased)
+    out = []
+    for f, seq, u, mid in zip(fanouts, seqs, uuids, message_ids, strict=True):
+        if seq is None:
+            continue
+        for sub in f.subscriptions:
+            if not left.get(sub):
+                continue
+            left[sub] -= 1
+            destination, key, prev, prev_until = keys[sub]
+            out.append(
+                ClaimedDelivery(
+                    id=delivery_ids[(seq, sub)],
+                    subscription=sub,
+                    attempts=0,
+                    schedule_pos=0,
+                    organization=f.event.organization,
+                    message_uuid=u,
+                    event_name=f.event.event_name,
+                    message_id=mid,
+                    payload=f.event.payload,
+                    timestamp=f.event.timestamp or now_iso,
+                    destination=destination,
+                    signing_keys=(key,)
+                    if prev is None or (prev_until or 0) <= now
+                    else (key, prev),
+                )
+            )
+    return out
 
 
 def insert_event(
@@ -180,40 +253,16 @@ class Target:
     uuid: str
     event_names: list[str]
     scopes: list[str]
-    destination: str
-    signing_key: str = field(repr=False)
-    prev_signing_key: str | None = field(repr=False)
-    prev_key_until_ms: int | None
-
-    def keys(self, now: int) -> tuple[str, ...]:
-        """Signing keys: the current one, then a rotated-out one while it is still valid."""
-        if self.prev_signing_key is None or (self.prev_key_until_ms or 0) <= now:
-            return (self.signing_key,)
-        return (self.signing_key, self.prev_signing_key)
-
-
-class Taker(Protocol):
-    """A dispatcher that takes fresh deliveries straight from ingest, leased to it."""
-
-    owner: str
-    lease_ms: int
-
-    def wants(self, subscription: str) -> bool:
-        """Whether to hand this subscription's new delivery over at once (reserves room)."""
-        ...
 
 
 def _targets(conn: sqlite3.Connection, organization: str) -> list[Target]:
     rows = conn.execute(
-        "SELECT uuid, event_names, scopes, destination, signing_key, prev_signing_key,"
-        " prev_key_until_ms FROM subscriptions"
+        "SELECT uuid, event_names, scopes FROM subscriptions"
         " WHERE organization = ? AND deleted_ms IS NULL AND status != 'DISABLED'"
         " ORDER BY created_ms, uuid",
         (organization,),
     ).fetchall()
-    return [
-        Target(r[0], orjson.loads(r[1]), orjson.loads(r[2]), r[3], r[4], r[5], r[6]) for r in rows
-    ]
+    return [Target(r[0], orjson.loads(r[1]), orjson.loads(r[2])) for r in rows]
 
 
 @dataclass
@@ -223,6 +272,8 @@ class IngestGroup:
     fanouts: list[Fanout] = field(default_factory=list)
     matchers: list[Matcher] = field(default_factory=list)
     written: asyncio.Future[list[IngestResult]] | None = None
+    handed: list[ClaimedDelivery] = field(default_factory=list)  # leased to the taker
+    taker: Taker | None = None  # the taker asked inside the write (it gets them after commit)
 
 
 class EventStore:
@@ -230,22 +281,24 @@ class EventStore:
 
     db: Database
     ids: IdSource
+    changes: ChangeFeed
     # organization -> its deliverable subscriptions; cleared inside every write that changes a
     # subscription, so a write later in the same group commit never sees a stale list.
     targets_cache: dict[str, list[Target]]
     ingest_group: IngestGroup | None  # the requests the next group commit writes
+    taker: Taker | None  # takes fresh deliveries without a claim
 
-    def subscriptions_changed(self) -> None:
-        """Forget cached fan-out targets (call inside the write that changed a subscription)."""
-        self.targets_cache.clear()
+    async def take_fresh(self, taker: Taker | None) -> None:
+        """Hand fresh deliveries of this process's ingests straight to taker (see Handover)."""
+        self.taker = taker
 
-    async def ingest(
-        self, events: Sequence[NewEvent], matches: Matcher, taker: Taker | None = None
-    ) -> list[IngestResult]:
+    def subscriptions_changed(self, organization: str) -> None:
+        """Forget an organization's cached fan-out targets (call inside the write that changed
+        one of its subscriptions)."""
+        self.targets_cache.pop(organization, None)
+
+    async def ingest(self, events: Sequence[NewEvent], matches: Matcher) -> list[IngestResult]:
         """Store events and their deliveries atomically (all or nothing) in a group commit.
-
-        With a taker, deliveries it wants are created leased to it and returned in
-        IngestResult.handed, to be sent without a claim.
 
         Requests that wait for the same group commit are written together, by one multi-row
         statement per table: under load that is two statements per group, not four per
@@ -264,13 +317,17 @@ class EventStore:
             def closed(done: asyncio.Future[list[IngestResult]]) -> None:
                 if self.ingest_group is group:  # the write failed before fn ran
                     self.ingest_group = None
-                if not done.cancelled():
-                    done.exception()  # retrieved: each request has its own copy via shield
+                if done.cancelled() or done.exception() is not None:
+                    return  # retrieved: each request has its own copy via shield
+                if group.handed and group.taker is not None:
+                    group.taker.taken(group.handed)
+                if any(r.deliveries and not r.duplicate for r in done.result()):
+                    self.changes.announce(_QUEUED)  # once per group commit
 
             written.add_done_callback(closed)
         first = len(group.fanouts)
         for event in events:
-            group.fanouts.append(Fanout(event, [], {}, taker))
+            group.fanouts.append(Fanout(event, []))
             group.matchers.append(matches)
         assert group.written is not None
         # Shielded: a request given up on must not cancel the others' shared write.
@@ -287,9 +344,10 @@ class EventStore:
                 subs = targets[f.event.organization] = _targets(conn, f.event.organization)
             wanted = [t for t in subs if matches(f.event.event_name, t.event_names, t.scopes)]
             f.subscriptions = [t.uuid for t in wanted]
-            if f.taker is not None:
-                f.taken = {t.uuid: t for t in wanted if f.taker.wants(t.uuid)}
-        return insert_events(conn, self.ids, group.fanouts, now_ms())
+        # The taker's room is read here, at the write, as data: what it can take right now.
+        group.taker = self.taker
+        handover = group.taker.handover() if group.taker is not None else None
+        return insert_events(conn, self.ids, group.fanouts, now_ms(), handover, group.handed)
 
     async def send_to(self, event: NewEvent, subscriptions: Sequence[str]) -> IngestResult:
         """Store one event addressed to the given subscriptions only (test sends)."""
@@ -297,4 +355,7 @@ class EventStore:
         def fn(conn: sqlite3.Connection) -> IngestResult:
             return insert_event(conn, self.ids, event, now_ms(), subscriptions)
 
-        return await self.db.write(fn)
+        result = await self.db.write(fn)
+        if result.deliveries:
+            self.changes.announce(Change("deliveries_queued", event.organization))
+        return result

@@ -1,60 +1,38 @@
-"""Operator commands on the database file (replay, backup), as plain synchronous functions.
-
-The CLI runs them through `connect_sync` next to a running daemon: SQLite's locking and WAL make
-that safe, and the daemon's dispatcher picks re-queued rows up on its next poll.
-"""
+"""Backups of the database file (SQLite's online backup API, off the event loop)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sqlite3
-from dataclasses import dataclass
 from pathlib import Path
 
-from pusherd.store.db import transaction
-from pusherd.store.deliveries import requeue_finished
+from pusherd.store.errors import StoreError
+from pusherd.store.sqlite.db import BUSY_TIMEOUT_MS, Database
+from pusherd.store.types import BackupSummary
 
 
-@dataclass(frozen=True)
-class SubscriptionState:
-    """What replay needs to know about a subscription."""
+class BackupStore:
+    """Backups (mixed into SqliteStore)."""
 
-    uuid: str
-    organization: str
-    status: str
+    db: Database
 
-
-@dataclass(frozen=True)
-class BackupSummary:
-    """What `pusherd backup` reports."""
-
-    path: str
-    size_bytes: int
-    schema_version: int
-    subscriptions: int
-    events: int
-    deliveries: int
-    pending: int
+    async def backup(self, dest: str | os.PathLike[str]) -> BackupSummary:
+        """A consistent copy of the database at dest (FileExistsError rather than overwrite)."""
+        return await asyncio.to_thread(_backup, self.db.path, dest)
 
 
-def find_subscription(conn: sqlite3.Connection, uuid: str) -> SubscriptionState | None:
-    """A subscription that is not deleted, or None."""
-    row = conn.execute(
-        "SELECT uuid, organization, status FROM subscriptions"
-        " WHERE uuid = ? AND deleted_ms IS NULL",
-        (uuid,),
-    ).fetchone()
-    return None if row is None else SubscriptionState(row[0], row[1], row[2])
-
-
-def replay_deliveries(
-    conn: sqlite3.Connection, subscription: str, since_ms: int | None, status: str | None
-) -> int:
-    """Re-queue a subscription's finished deliveries in a transaction of its own."""
-    with transaction(conn):
-        count = requeue_finished(conn, subscription, since_ms, status)
-    return count
+def _backup(path: str, dest: str | os.PathLike[str]) -> BackupSummary:
+    try:
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            return backup_to(conn, dest)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError(str(exc)) from None
 
 
 def backup_to(conn: sqlite3.Connection, dest: str | os.PathLike[str]) -> BackupSummary:

@@ -9,8 +9,9 @@ import sqlite3
 import orjson
 
 from pusherd.clock import now_ms
-from pusherd.store.db import Database
-from pusherd.store.models import Token
+from pusherd.store.changes import Change, ChangeFeed
+from pusherd.store.sqlite.db import Database
+from pusherd.store.types import Token
 
 TOKEN_PREFIX = "pshd_"
 _COLUMNS = "id, organization, scopes, name, created_ms, expires_ms, revoked_ms"
@@ -84,13 +85,40 @@ def revoke_token(conn: sqlite3.Connection, token_id: str) -> bool:
 
 
 class TokenStore:
-    """Token lookups for the API (mixed into SqliteStore)."""
+    """API tokens (mixed into SqliteStore)."""
 
     db: Database
+    changes: ChangeFeed
 
-    def find_token(self, secret: str) -> Token | None:
-        """The token with this secret, whatever its state (the caller checks expiry/revocation)."""
+    async def find_token(self, secret: str) -> Token | None:
+        """The token with this secret, whatever its state (the caller checks expiry/revocation).
+
+        Read from the file on every request (one indexed probe): a token revoked by the CLI, in
+        another process, stops working at once.
+        """
         rows = self.db.read_now(
             f"SELECT {_COLUMNS} FROM tokens WHERE hash = ?", (hash_token(secret),)
         )
         return _row(rows[0]) if rows else None
+
+    async def create_token(
+        self, organization: str, scopes: tuple[str, ...], name: str, expires_ms: int | None
+    ) -> tuple[Token, str]:
+        """A new token and its secret (shown once, never stored)."""
+        token, secret = await self.db.write(
+            lambda conn: create_token(conn, organization, scopes, name, expires_ms)
+        )
+        self.changes.announce(Change("token_created", organization, token=token.id))
+        return token, secret
+
+    async def list_tokens(self) -> list[Token]:
+        """Every token, oldest first."""
+        rows = await self.db.read(f"SELECT {_COLUMNS} FROM tokens ORDER BY created_ms, id")
+        return [_row(tuple(r)) for r in rows]
+
+    async def revoke_token(self, token_id: str) -> bool:
+        """Revoke by id; False when no such token (or already revoked)."""
+        done = await self.db.write(lambda conn: revoke_token(conn, token_id))
+        if done:
+            self.changes.announce(Change("token_revoked", token=token_id))
+        return done

@@ -8,10 +8,13 @@ from typing import Any
 import orjson
 
 from pusherd.clock import now_ms
-from pusherd.store.db import Database
-from pusherd.store.events import insert_event
+from pusherd.store.changes import Change, ChangeFeed, ChangeKind
+from pusherd.store.errors import UuidTakenError
 from pusherd.store.ids import IdSource
-from pusherd.store.models import (
+from pusherd.store.sqlite import queues
+from pusherd.store.sqlite.db import Database
+from pusherd.store.sqlite.events import insert_event
+from pusherd.store.types import (
     NewEvent,
     NewSubscription,
     Subscription,
@@ -22,10 +25,6 @@ _COLUMNS = (
     "uuid, organization, transport, event_names, scopes, destination, contact_email, status,"
     " signing_key, prev_signing_key, prev_key_until_ms, created_ms, updated_ms, failing_since_ms"
 )
-
-
-class UuidTakenError(Exception):
-    """A subscription with this uuid exists (or existed)."""
 
 
 def _row(r: tuple[Any, ...]) -> Subscription:
@@ -66,9 +65,10 @@ class SubscriptionStore:
 
     db: Database
     ids: IdSource
+    changes: ChangeFeed
 
-    def subscriptions_changed(self) -> None:
-        """Forget what depends on subscriptions (EventStore's fan-out cache)."""
+    def subscriptions_changed(self, organization: str) -> None:
+        """Forget what depends on an organization's subscriptions (EventStore's fan-out cache)."""
 
     async def create_subscription(
         self, new: NewSubscription, welcome: NewEvent | None
@@ -97,16 +97,21 @@ class SubscriptionStore:
                     now,
                 ),
             )
+            queues.sync(conn, new.uuid)
             if welcome is not None:
                 insert_event(conn, self.ids, welcome, now, (new.uuid,))
-            self.subscriptions_changed()
+            self.subscriptions_changed(new.organization)
             sub = get_subscription(conn, new.organization, new.uuid)
             assert sub is not None
             return sub
 
-        return await self.db.write(fn)
+        sub = await self.db.write(fn)
+        self.changes.announce(Change("subscription_created", sub.organization, sub.uuid))
+        if welcome is not None:
+            self.changes.announce(Change("deliveries_queued", sub.organization, sub.uuid))
+        return sub
 
-    def list_subscriptions(self, organization: str) -> list[Subscription]:
+    async def list_subscriptions(self, organization: str) -> list[Subscription]:
         """The organization's live subscriptions, oldest first."""
         rows = self.db.read_now(
             f"SELECT {_COLUMNS} FROM subscriptions"
@@ -115,12 +120,20 @@ class SubscriptionStore:
         )
         return [_row(r) for r in rows]
 
-    def get_subscription(self, organization: str, uuid: str) -> Subscription | None:
+    async def get_subscription(self, organization: str, uuid: str) -> Subscription | None:
         """One live subscription of the organization, or None (another org's is invisible)."""
         rows = self.db.read_now(
             f"SELECT {_COLUMNS} FROM subscriptions"
             " WHERE uuid = ? AND organization = ? AND deleted_ms IS NULL",
             (uuid, organization),
+        )
+        return _row(rows[0]) if rows else None
+
+    async def find_subscription(self, uuid: str) -> Subscription | None:
+        """A live subscription of any organization (operator commands), or None."""
+        rows = self.db.read_now(
+            f"SELECT {_COLUMNS} FROM subscriptions WHERE uuid = ? AND deleted_ms IS NULL",
+            (uuid,),
         )
         return _row(rows[0]) if rows else None
 
@@ -158,10 +171,17 @@ class SubscriptionStore:
             conn.execute(
                 f"UPDATE subscriptions SET {', '.join(sets)} WHERE uuid = ?", (*params, uuid)
             )
-            self.subscriptions_changed()
+            queues.sync(conn, uuid)
+            self.subscriptions_changed(organization)
             return get_subscription(conn, organization, uuid)
 
-        return await self.db.write(fn)
+        sub = await self.db.write(fn)
+        if sub is not None:
+            kind: ChangeKind = (
+                "subscription_disabled" if sub.status == "DISABLED" else "subscription_changed"
+            )
+            self.changes.announce(Change(kind, organization, uuid))
+        return sub
 
     async def delete_subscription(self, organization: str, uuid: str) -> bool:
         """Soft-delete it and cancel its pending deliveries; False when there is none."""
@@ -174,10 +194,14 @@ class SubscriptionStore:
                 (now, now, uuid, organization),
             )
             # Its pending deliveries are cancelled in batches by close_pending().
-            self.subscriptions_changed()
+            queues.sync(conn, uuid)
+            self.subscriptions_changed(organization)
             return cur.rowcount > 0
 
-        return await self.db.write(fn)
+        deleted = await self.db.write(fn)
+        if deleted:
+            self.changes.announce(Change("subscription_deleted", organization, uuid))
+        return deleted
 
     async def rotate_signing_key(
         self, organization: str, uuid: str, new_key: str, keep_old_ms: int
@@ -192,7 +216,9 @@ class SubscriptionStore:
                 " WHERE uuid = ? AND organization = ? AND deleted_ms IS NULL",
                 (now + keep_old_ms, new_key, now, uuid, organization),
             )
-            self.subscriptions_changed()
             return cur.rowcount > 0
 
-        return await self.db.write(fn)
+        rotated = await self.db.write(fn)
+        if rotated:
+            self.changes.announce(Change("key_rotated", organization, uuid))
+        return rotated

@@ -1,0 +1,322 @@
+"""The delivery queue's claim side (SQLite): what is due, leases, hand-backs, closing.
+
+A claim reads the due end of the queues index (one row per deliverable subscription with its
+next due time) on the loop's quick reader, so an idle poll is one indexed read and writes
+nothing; only when something is due does it lease rows, per subscription in due order, in one
+write that also moves those subscriptions' next due times.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Collection, Mapping, Sequence
+
+from pusherd.clock import now_ms
+from pusherd.store.changes import ChangeFeed
+from pusherd.store.sqlite import queues
+from pusherd.store.sqlite.db import Database
+from pusherd.store.types import Claim, ClaimedDelivery
+
+BLOCKED_IN_SQL = 500  # more origins without room than this are skipped in Python instead
+
+# A row handed back without an attempt is due at once, and keeps its place in ingest order:
+# a claim moved its due time to the lease's end, a row never attempted goes back to its creation
+# time (one waiting for a retry keeps "now"). Both parameters are the current time.
+_DUE_AGAIN = "CASE WHEN schedule_pos = 0 THEN min(created_ms, ?) ELSE ? END"
+
+
+def subscriptions_of(conn: sqlite3.Connection, ids: Sequence[int]) -> list[str]:
+    marks = ",".join("?" * len(ids))
+    rows = conn.execute(
+        f"SELECT DISTINCT subscription FROM deliveries WHERE id IN ({marks})", tuple(ids)
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def _claim_rows(
+    conn: sqlite3.Connection, owner: str, plan: Sequence[tuple[str, int]], now: int, until: int
+) -> tuple[list[ClaimedDelivery], bool]:
+    """Lease up to n due rows of each (subscription, n) in due order; (rows by id, whether
+    some subscription gave all that was asked: it may have more)."""
+    # First one row of every planned subscription, in one statement (the common case with many
+    # small queues), then more rows of those that asked for more and still have some due.
+    ids = [
+        r[0]
+        for r in conn.execute(
+            "UPDATE deliveries SET lease_owner = ?, lease_until_ms = ?, due_ms = ?"
+            " WHERE id IN (SELECT (SELECT d.id FROM deliveries d WHERE d.subscription = j.value"
+            " AND d.status = 'pending' AND d.due_ms <= ? ORDER BY d.due_ms, d.id LIMIT 1)"
+            " FROM json_each(?) j) RETURNING id",
+            (owner, until, until, now, queues.id_list(sub for sub, _ in plan)),
+        ).fetchall()
+    ]
+    queues.refresh(conn, [sub for sub, _ in plan])
+    wanted = {sub: limit - 1 for sub, limit in plan if limit > 1}
+    more = (
+        conn.execute(
+            "SELECT subscription FROM queues WHERE subscription IN (SELECT value FROM json_each(?))"
+            " AND next_due_ms <= ?",
+            (queues.id_list(wanted), now),
+        ).fetchall()
+        if wanted and ids
+        else []
+    )
+    for (subscription,) in more:
+        rows = conn.execute(
+            "UPDATE deliveries SET lease_owner = ?, lease_until_ms = ?, due_ms = ?"
+            " WHERE id IN (SELECT id FROM deliveries WHERE subscription = ?"
+            " AND status = 'pending' AND due_ms <= ? ORDER BY due_ms, id LIMIT ?)"
+            " RETURNING id",
+            (owner, until, until, subscription, now, wanted[subscription]),
+        ).fetchall()
+        ids.extend(r[0] for r in rows)
+    if more:
+        queues.refresh(conn, [sub for (sub,) in more])
+    # Whether a planned queue still has something due (claim again at once).
+    full = bool(
+        conn.execute(
+            "SELECT 1 FROM queues WHERE subscription IN (SELECT value FROM json_each(?))"
+            " AND next_due_ms <= ? LIMIT 1",
+            (queues.id_list(sub for sub, _ in plan), now),
+        ).fetchall()
+    )
+    if not ids:
+        return [], full
+    ids.sort()
+    marks = ",".join("?" * len(ids))
+    data = conn.execute(
+        "SELECT d.id, d.subscription, d.attempts, d.schedule_pos, e.organization, e.uuid,"
+        " e.event_name, e.message_id, e.payload, e.timestamp, s.destination, s.signing_key,"
+        " s.prev_signing_key, s.prev_key_until_ms, s.status, s.deleted_ms"
+        " FROM deliveries d JOIN events e ON e.seq = d.event_seq"
+        " JOIN subscriptions s ON s.uuid = d.subscription"
+        f" WHERE d.id IN ({marks}) ORDER BY d.id",
+        ids,
+    ).fetchall()
+    out, dead = [], []
+    for r in data:
+        if r[14] == "DISABLED" or r[15] is not None:
+            dead.append((now, now, r[0]))  # left pending for close_pending()
+            continue
+        keys = (r[11],) if r[12] is None or (r[13] or 0) <= now else (r[11], r[12])
+        out.append(
+            ClaimedDelivery(
+                id=r[0],
+                subscription=r[1],
+                attempts=r[2],
+                schedule_pos=r[3],
+                organization=r[4],
+                message_uuid=r[5],
+                event_name=r[6],
+                message_id=r[7],
+                payload=r[8],
+                timestamp=r[9],
+                destination=r[10],
+                signing_keys=keys,
+            )
+        )
+    if dead:
+        conn.executemany(
+            f"UPDATE deliveries SET due_ms = {_DUE_AGAIN}, lease_owner = NULL,"
+            " lease_until_ms = NULL WHERE id = ?",
+            dead,
+        )
+    return out, full
+
+
+class ClaimStore:
+    """Claims, hand-backs and closing (mixed into SqliteStore)."""
+
+    db: Database
+    changes: ChangeFeed
+
+    async def due_at(self, blocked: Collection[str] = ()) -> int | None:
+        """The earliest next due time of any queue whose origin is not blocked (None: none)."""
+        marks = ",".join("?" * len(blocked))
+        where = f" AND origin NOT IN ({marks})" if blocked else ""
+        rows = self.db.read_now(
+            f"SELECT min(next_due_ms) FROM queues WHERE next_due_ms IS NOT NULL{where}",
+            tuple(blocked),
+        )
+        return None if rows[0][0] is None else int(rows[0][0])
+
+    async def origins_in_use(self, origins: Collection[str]) -> set[str]:
+        """Those of these origins that some deliverable subscription points at."""
+        if not origins:
+            return set()
+        # One index probe per origin, however many subscriptions point at it.
+        rows = self.db.read_now(
+            "SELECT value FROM json_each(?) WHERE EXISTS"
+            " (SELECT 1 FROM queues WHERE origin = json_each.value)",
+            (queues.id_list(origins),),
+        )
+        return {str(r[0]) for r in rows}
+
+    async def claim(
+        self,
+        owner: str,
+        room: Mapping[str, int],
+        default_room: int,
+        budget: int,
+        lease_ms: int,
+        default_total: int | None = None,
+    ) -> Claim:
+        """Lease due deliveries within each origin's room and the budget, oldest due first.
+
+        The due end of the queues index names the subscriptions that have something due (a
+        blocked origin's are skipped); each gets a share of its origin's room, and its rows are
+        taken from its range of the deliveries index in due order. Nothing is written when
+        nothing is due.
+        """
+        now = now_ms()
+        plan, more, next_due = self._plan(now, room, default_room, max(budget, 0), default_total)
+        if not plan:
+            return Claim([], more, next_due)
+
+        def fn(conn: sqlite3.Connection) -> tuple[list[ClaimedDelivery], bool]:
+            return _claim_rows(conn, owner, plan, now, now + lease_ms)
+
+        claimed, full = await self.db.write(fn, durable=False)
+        return Claim(claimed, more or full, next_due)
+
+    def _plan(
+        self,
+        now: int,
+        room: Mapping[str, int],
+        default_room: int,
+        budget: int,
+        default_total: int | None,
+    ) -> tuple[list[tuple[str, int]], bool, int | None]:
+        """(subscription, how many) to claim, whether due queues were left unread, and the
+        earliest due time after now: one read of the two ends of the due index (an idle poll
+        is this one query)."""
+        blocked = [o for o, n in room.items() if n <= 0]
+        where = ""
+        if 0 < len(blocked) <= BLOCKED_IN_SQL:
+            where = f" AND origin NOT IN ({','.join('?' * len(blocked))})"
+        else:
+            blocked = []
+        limit = budget + 16 if budget > 0 else 0
+        found = self.db.read_now(
+            "SELECT * FROM (SELECT subscription, origin FROM queues"
+            f" WHERE next_due_ms <= ?{where} ORDER BY next_due_ms LIMIT ?)"
+            " UNION ALL SELECT NULL, min(next_due_ms) FROM queues WHERE next_due_ms > ?",
+            (now, *blocked, limit, now),
+        )
+        rows = [r for r in found if r[0] is not None]
+        after = [r[1] for r in found if r[0] is None and r[1] is not None]
+        next_due = int(after[0]) if after else None
+        by_origin: dict[str, list[str]] = {}
+        for sub, origin in rows:
+            by_origin.setdefault(origin, []).append(sub)
+        plan: list[tuple[str, int]] = []
+        unnamed = budget if default_total is None else default_total
+        for origin, subs in by_origin.items():
+            named = origin in room
+            left = min(room[origin] if named else min(default_room, unnamed), budget)
+            if left <= 0:
+                continue
+            if not named:
+                unnamed -= left
+            share = -(-left // len(subs))  # the origin's room, shared among its due queues
+            for sub in subs:
+                n = min(share, left)
+                if n <= 0:
+                    break
+                plan.append((sub, n))
+                left -= n
+                budget -= n
+            if budget <= 0:
+                break
+        return plan, limit > 0 and len(rows) >= limit, next_due
+
+    async def release(self, owner: str, ids: Sequence[int]) -> None:
+        """Give leased deliveries back without spending an attempt, due at once."""
+        if not ids:
+            return
+
+        def fn(conn: sqlite3.Connection) -> None:
+            now = now_ms()
+            conn.executemany(
+                f"UPDATE deliveries SET lease_owner = NULL, lease_until_ms = NULL,"
+                f" due_ms = {_DUE_AGAIN} WHERE id = ? AND status = 'pending' AND lease_owner = ?",
+                [(now, now, i, owner) for i in ids],
+            )
+            queues.refresh(conn, subscriptions_of(conn, ids))
+
+        await self.db.write(fn, urgent=False, durable=False)
+
+    async def subscriptions_to_close(self) -> list[str]:
+        """Deleted or DISABLED subscriptions that may still have pending deliveries."""
+        # A scan of every subscription: on the reader's thread, off the event loop.
+        rows = await self.db.read(
+            "SELECT uuid FROM subscriptions s WHERE (deleted_ms IS NOT NULL OR status = 'DISABLED')"
+            " AND EXISTS (SELECT 1 FROM deliveries d WHERE d.subscription = s.uuid"
+            " AND d.status = 'pending')"
+        )
+        return [str(r[0]) for r in rows]
+
+    async def close_pending(self, subscription: str, batch: int) -> tuple[str, int]:
+        """Finish up to `batch` pending deliveries of a deleted ("cancelled") or DISABLED
+        ("failed") subscription: (that status, how many); 0 when none or it is live again."""
+
+        def fn(conn: sqlite3.Connection) -> tuple[str, int]:
+            row = conn.execute(
+                "SELECT status, deleted_ms FROM subscriptions WHERE uuid = ?", (subscription,)
+            ).fetchone()
+            if row is None:
+                return "", 0
+            if row[1] is not None:
+                status, error = "cancelled", "subscription deleted"
+            elif row[0] == "DISABLED":
+                status, error = "failed", "subscription disabled"
+            else:
+                return "", 0
+            cur = conn.execute(
+                "UPDATE deliveries SET status = ?, finished_ms = ?, last_error = ?,"
+                " lease_owner = NULL, lease_until_ms = NULL"
+                " WHERE id IN (SELECT id FROM deliveries WHERE subscription = ?"
+                " AND status = 'pending' LIMIT ?)",
+                (status, now_ms(), error, subscription, batch),
+            )
+            queues.refresh(conn, [subscription])
+            return status, cur.rowcount
+
+        return await self.db.write(fn)
+
+    async def recover_leases(self, is_dead: Callable[[str], bool]) -> int:
+        """Make rows leased or parked by dead owners due now; returns how many.
+
+        Only rows due in the future are looked at (a range of the due index): rows whose lease
+        has already run out are claimable anyway.
+        """
+        now = now_ms()
+        owners = await self.db.read(
+            "SELECT DISTINCT lease_owner FROM deliveries"
+            " WHERE status = 'pending' AND due_ms > ? AND lease_owner IS NOT NULL",
+            (now,),
+        )
+        dead = [str(r[0]) for r in owners if is_dead(str(r[0]))]
+        if not dead:
+            return 0
+
+        def fn(conn: sqlite3.Connection) -> int:
+            freed = 0
+            for owner in dead:
+                subs = conn.execute(
+                    "SELECT DISTINCT subscription FROM deliveries WHERE status = 'pending'"
+                    " AND due_ms > ? AND lease_owner = ?",
+                    (now, owner),
+                ).fetchall()
+                cur = conn.execute(
+                    f"UPDATE deliveries SET due_ms = {_DUE_AGAIN}, lease_owner = NULL,"
+                    " lease_until_ms = NULL"
+                    " WHERE id IN (SELECT id FROM deliveries WHERE status = 'pending'"
+                    " AND due_ms > ? AND lease_owner = ?)",
+                    (now, now, now, owner),
+                )
+                queues.refresh(conn, [str(r[0]) for r in subs])
+                freed += cur.rowcount
+            return freed
+
+        return await self.db.write(fn)
