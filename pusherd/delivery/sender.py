@@ -24,7 +24,7 @@ from pusherd.delivery.http import (
 from pusherd.delivery.netguard import DestinationError
 from pusherd.delivery.retry import Outcome, parse_retry_after
 from pusherd.delivery.signing import signature_headers
-from pusherd.store.models import ClaimedDelivery
+from pusherd.store.types import ClaimedDelivery
 
 USER_AGENT = f"pusherd/{__version__}"
 
