@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pusherd.store.base import Store
+from pusherd.store.console_sqlite import SqliteConsoleStore
 from pusherd.store.db import Database, SchemaTooNewError, StoreError
 from pusherd.store.deliveries import DeliveryStore
 from pusherd.store.events import EventStore
@@ -16,6 +17,7 @@ class SqliteStore(TokenStore, EventStore, SubscriptionStore, DeliveryStore):
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.console = SqliteConsoleStore(db)
         self.ids = IdSource()
         self.targets_cache = {}
         self.ingest_group = None

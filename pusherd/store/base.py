@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from pusherd.store.console import ConsoleStore
 from pusherd.store.deliveries import Finish
 from pusherd.store.events import Matcher, Taker
 from pusherd.store.models import (
@@ -25,6 +26,11 @@ from pusherd.store.models import (
 
 class Store(Protocol):
     """What pusherd needs from its storage backend."""
+
+    @property
+    def console(self) -> ConsoleStore:
+        """The console's reads (store/console.py)."""
+        ...
 
     def find_token(self, secret: str) -> Token | None: ...
 
