@@ -59,7 +59,7 @@ def _nice_max(value: int) -> int:
     return 10 * exp
 
 
-def _area(values: list[int], y_max: int) -> str:
+def _area(values: list[float], y_max: int) -> str:
     """A closed path under a stepless line through the values (one point per bucket)."""
     if not values:
         return ""
@@ -73,27 +73,34 @@ def _area(values: list[int], y_max: int) -> str:
     return f"M{LEFT:.1f},{base:.1f} L" + " L".join(points) + f" L{LEFT + plot_w:.1f},{base:.1f} Z"
 
 
-def minute_chart(title: str, counts: list[MinuteCount], tick_every_ms: int) -> Chart:
-    """Deliveries per minute, delivered and failed, over the buckets given (oldest first)."""
-    delivered = [c.delivered for c in counts]
-    failed = [c.failed for c in counts]
-    peak = max([d + f for d, f in zip(delivered, failed, strict=True)], default=0)
-    y_max = _nice_max(max([*delivered, *failed], default=0))
+def minute_chart(
+    title: str, counts: list[MinuteCount], tick_every_ms: int, bucket_minutes: int = 1
+) -> Chart:
+    """Deliveries per minute, delivered and failed, over the buckets given (oldest first).
+
+    Buckets longer than a minute are drawn as their average per minute.
+    """
+    delivered = [c.delivered / bucket_minutes for c in counts]
+    failed = [c.failed / bucket_minutes for c in counts]
+    peak = max([c.delivered + c.failed for c in counts], default=0)
+    y_max = _nice_max(math.ceil(max([*delivered, *failed], default=0)))
     plot_w = WIDTH - LEFT - RIGHT
     plot_h = HEIGHT - TOP - BOTTOM
     step = plot_w / max(1, len(counts) - 1)
     x_ticks = []
     for i, c in enumerate(counts):
-        if c.minute_ms % tick_every_ms == 0:
+        # a label too close to either edge would be cut off
+        if c.minute_ms % tick_every_ms == 0 and 16 < i * step < plot_w - 16:
             when = datetime.fromtimestamp(c.minute_ms / 1000, tz=UTC).strftime("%H:%M")
             x_ticks.append(Tick(LEFT + i * step, HEIGHT - 6, when))
     y_ticks = tuple(
-        Tick(LEFT - 6, TOP + plot_h - frac * plot_h, str(round(y_max * frac)))
+        Tick(LEFT - 6, TOP + plot_h - frac * plot_h, f"{y_max * frac:g}")
         for frac in (0.0, 0.5, 1.0)
     )
-    total_ok, total_bad = sum(delivered), sum(failed)
+    total_ok, total_bad = sum(c.delivered for c in counts), sum(c.failed for c in counts)
+    span = "minute" if bucket_minutes == 1 else f"{bucket_minutes} minutes"
     summary = (
-        f"{title}: {total_ok} delivered and {total_bad} failed; busiest minute {peak} deliveries."
+        f"{title}: {total_ok} delivered and {total_bad} failed; busiest {span}: {peak} deliveries."
     )
     return Chart(
         title=title,

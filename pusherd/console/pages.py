@@ -21,6 +21,7 @@ from pusherd.store.models import Subscription
 MINUTE_MS = 60_000
 HOUR_MS = 3600 * 1000
 DAY_MS = 24 * HOUR_MS
+DAY_BUCKET_MS = 10 * MINUTE_MS  # the 24h chart: per-minute averages of 10-minute buckets
 LOG_PAGE = 50
 LOG_STATUSES = ("pending", "delivered", "failed")
 
@@ -95,9 +96,10 @@ async def overview(request: web.Request) -> web.Response:
     org = scope(request, session)
     console = request.app[RUNTIME].store.console
     now = now_ms()
-    day = await console.per_minute(org, now - DAY_MS + MINUTE_MS, MINUTE_MS)
-    hour_chart = minute_chart("Last hour", day[-60:], 10 * MINUTE_MS)
-    day_chart = minute_chart("Last 24 hours", day, 3 * HOUR_MS)
+    hour = await console.per_minute(org, now - HOUR_MS + MINUTE_MS, MINUTE_MS)
+    day = await console.per_minute(org, now - DAY_MS + DAY_BUCKET_MS, DAY_BUCKET_MS)
+    hour_chart = minute_chart("Last hour", hour, 10 * MINUTE_MS)
+    day_chart = minute_chart("Last 24 hours", day, 3 * HOUR_MS, DAY_BUCKET_MS // MINUTE_MS)
     latency = await console.latency(org, now - HOUR_MS)
     queue = await console.queue(org)
     subs = await console.subscriptions(org)
