@@ -114,6 +114,7 @@ def seed_history(
 
 async def time_page_views(path: str, organization: str, subscription: str) -> dict[str, float]:
     """Milliseconds the store spends on each console page view (the queries a page runs)."""
+    from pusherd.console.rollup import Rollup
     from pusherd.store import open_store
     from pusherd.store.console import LogFilter
 
@@ -125,19 +126,25 @@ async def time_page_views(path: str, organization: str, subscription: str) -> di
         for org in (organization, None):
             who = "tenant" if org else "admin"
 
-            async def overview(org: str | None = org) -> None:
-                await c.per_minute(org, now - day + 60_000, 60_000)
+            hourly, daily = Rollup(lambda: c, 60_000, hour), Rollup(lambda: c, 600_000, day)
+
+            async def overview(
+                org: str | None = org, hourly: Rollup = hourly, daily: Rollup = daily
+            ) -> None:
+                subs = await c.subscriptions(org)
+                await hourly.window(None if org is None else {s.uuid for s in subs})
+                await daily.window(None if org is None else {s.uuid for s in subs})
                 await c.latency(org, now - hour)
                 await c.queue(org)
-                await c.subscriptions(org)
-                await c.counts_since(org, now - day)
 
-            async def subscriptions(org: str | None = org) -> None:
-                await c.subscriptions(org)
-                await c.counts_since(org, now - day)
+            async def subscriptions(org: str | None = org, daily: Rollup = daily) -> None:
+                subs = await c.subscriptions(org)
+                await daily.window(None if org is None else {s.uuid for s in subs})
 
+            t = time.perf_counter()
+            await overview()  # the first view of a process counts the day once
+            out[f"first_overview_{who}_ms"] = (time.perf_counter() - t) * 1000
             for name, fn in (("overview", overview), ("subscriptions", subscriptions)):
-                await fn()  # warm the page cache once, as a second visitor would find it
                 t = time.perf_counter()
                 await fn()
                 out[f"{name}_{who}_ms"] = (time.perf_counter() - t) * 1000
@@ -152,7 +159,7 @@ async def time_page_views(path: str, organization: str, subscription: str) -> di
             page = await c.log_page(subscription, flt, 50)
             out[f"{name}_ms"] = (time.perf_counter() - t) * 1000
             assert page is not None
-        last = (await c.log_page(subscription, LogFilter(status="failed"), 1)).rows[0].id
+        last = (await c.log_page(subscription, LogFilter(), 1)).rows[0].id
         t = time.perf_counter()
         await c.delivery(None, last)
         out["delivery_ms"] = (time.perf_counter() - t) * 1000

@@ -13,17 +13,19 @@ from pusherd.config import parse_duration
 from pusherd.console.charts import minute_chart
 from pusherd.console.present import sent
 from pusherd.console.render import render
+from pusherd.console.rollup import Rollup
 from pusherd.console.session import Session, session_of
 from pusherd.keys import RUNTIME
-from pusherd.store.console import LogFilter, SubscriptionCounts
+from pusherd.store.console import ConsoleStore, LogFilter, SubscriptionCounts
 from pusherd.store.models import Subscription
 
 MINUTE_MS = 60_000
 HOUR_MS = 3600 * 1000
 DAY_MS = 24 * HOUR_MS
-DAY_BUCKET_MS = 10 * MINUTE_MS  # the 24h chart: per-minute averages of 10-minute buckets
 LOG_PAGE = 50
 LOG_STATUSES = ("pending", "delivered", "failed")
+HOUR: web.AppKey[Rollup] = web.AppKey("console_hour", Rollup)  # 1-minute buckets
+DAY: web.AppKey[Rollup] = web.AppKey("console_day", Rollup)  # 10-minute buckets
 
 
 def parse_uuid(value: str) -> str | None:
@@ -96,14 +98,17 @@ async def overview(request: web.Request) -> web.Response:
     org = scope(request, session)
     console = request.app[RUNTIME].store.console
     now = now_ms()
-    hour = await console.per_minute(org, now - HOUR_MS + MINUTE_MS, MINUTE_MS)
-    day = await console.per_minute(org, now - DAY_MS + DAY_BUCKET_MS, DAY_BUCKET_MS)
-    hour_chart = minute_chart("Last hour", hour, 10 * MINUTE_MS)
-    day_chart = minute_chart("Last 24 hours", day, 3 * HOUR_MS, DAY_BUCKET_MS // MINUTE_MS)
+    subs = await console.subscriptions(org)
+    scope_subs = None if org is None else {s.uuid for s in subs}
+    hour = await request.app[HOUR].window(scope_subs)
+    day = await request.app[DAY].window(scope_subs)
+    hour_chart = minute_chart("Last hour", hour.buckets, 10 * MINUTE_MS)
+    day_chart = minute_chart(
+        "Last 24 hours", day.buckets, 3 * HOUR_MS, request.app[DAY].bucket_ms // MINUTE_MS
+    )
     latency = await console.latency(org, now - HOUR_MS)
     queue = await console.queue(org)
-    subs = await console.subscriptions(org)
-    counts = await console.counts_since(org, now - DAY_MS)
+    counts = day.by_subscription
     return render(
         request,
         "overview.html",
@@ -124,7 +129,8 @@ async def subscriptions(request: web.Request) -> web.Response:
     org = scope(request, session)
     console = request.app[RUNTIME].store.console
     subs = await console.subscriptions(org)
-    counts = await console.counts_since(org, now_ms() - DAY_MS)
+    day = await request.app[DAY].window(None if org is None else {s.uuid for s in subs})
+    counts = day.by_subscription
     return render(request, "subscriptions.html", {"org": org, "rows": _rows(subs, counts)})
 
 
@@ -146,7 +152,7 @@ async def subscription(request: web.Request) -> web.Response:
     )
     console = request.app[RUNTIME].store.console
     page = await console.log_page(sub.uuid, flt, LOG_PAGE)
-    counts = await console.counts_since(sub.organization, now_ms() - DAY_MS)
+    counts = (await request.app[DAY].window({sub.uuid})).by_subscription
     filters = {
         "status": status,
         "event": event,
@@ -182,7 +188,14 @@ async def delivery(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    """Register the page routes."""
+    """Register the page routes (and the counts they share)."""
+    runtime = app[RUNTIME]
+
+    def store() -> ConsoleStore:
+        return runtime.store.console
+
+    app[HOUR] = Rollup(store, MINUTE_MS, HOUR_MS)
+    app[DAY] = Rollup(store, 10 * MINUTE_MS, DAY_MS)
     r = app.router
     r.add_get("/", overview, allow_head=False)
     r.add_get("/subscriptions", subscriptions, allow_head=False)

@@ -16,12 +16,20 @@ from pusherd.store.models import AttemptRecord, Subscription, Token
 # search further back ("older") from where it stopped.
 LOG_SCAN_ROWS = 5000
 # Latency percentiles are taken over at most this many of the newest attempts of the window.
-LATENCY_SAMPLE = 20000
+LATENCY_SAMPLE = 5000
 
 
 @dataclass(frozen=True)
 class MinuteCount:
     minute_ms: int  # start of the bucket (unix ms, a multiple of the bucket length)
+    delivered: int
+    failed: int
+
+
+@dataclass(frozen=True)
+class BucketCount:
+    bucket_ms: int  # start of the bucket
+    subscription: str
     delivered: int
     failed: int
 
@@ -109,14 +117,11 @@ class ConsoleStore(Protocol):
     async def token_by_id(self, token_id: str) -> Token | None: ...
     async def subscriptions(self, organization: str | None) -> list[Subscription]: ...
     async def subscription(self, organization: str | None, uuid: str) -> Subscription | None: ...
-    async def per_minute(
-        self, organization: str | None, since_ms: int, bucket_ms: int
-    ) -> list[MinuteCount]: ...
     async def latency(self, organization: str | None, since_ms: int) -> Latency: ...
     async def queue(self, organization: str | None) -> Queue: ...
-    async def counts_since(
-        self, organization: str | None, since_ms: int
-    ) -> dict[str, SubscriptionCounts]: ...
+    async def finished_counts(
+        self, since_ms: int, until_ms: int, bucket_ms: int
+    ) -> list[BucketCount]: ...
     async def log_page(self, subscription: str, flt: LogFilter, limit: int) -> LogPage: ...
     async def delivery(
         self, organization: str | None, delivery_id: int

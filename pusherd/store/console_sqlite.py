@@ -20,15 +20,14 @@ from pusherd.clock import now_ms
 from pusherd.store.console import (
     LATENCY_SAMPLE,
     LOG_SCAN_ROWS,
+    BucketCount,
     DeliveryDetail,
     Latency,
     LinkState,
     LogFilter,
     LogPage,
     LogRow,
-    MinuteCount,
     Queue,
-    SubscriptionCounts,
 )
 from pusherd.store.models import AttemptRecord, Subscription, Token
 
@@ -101,7 +100,11 @@ class SqliteConsoleStore:
 
     async def _first_id_at(self, table: str, column: str, ms: int) -> int:
         """The smallest id whose `column` is >= ms (ids grow with time): a binary search."""
-        rows = await self.db.read(f"SELECT min(rowid), max(rowid) FROM {table}")
+        # Two scalar subqueries: min() and max() in one SELECT would scan the table.
+        rows = await self.db.read(
+            f"SELECT (SELECT rowid FROM {table} ORDER BY rowid LIMIT 1),"
+            f" (SELECT rowid FROM {table} ORDER BY rowid DESC LIMIT 1)"
+        )
         lo, hi = rows[0]
         if lo is None:
             return 1
@@ -152,53 +155,19 @@ class SqliteConsoleStore:
         )
         return _subscription(rows[0]) if rows else None
 
-    async def _finished(
-        self, organization: str | None, since_ms: int, select: str, group: str
-    ) -> list[Any]:
-        # A range of deliveries_finished (covering: no table rows are read); an organization's
-        # rows are picked by subscription, the index's second column.
-        where, params = "", list[Any]()
-        if organization is not None:
-            where = " AND subscription IN (SELECT uuid FROM subscriptions WHERE organization = ?)"
-            params = [organization]
-        return await self.db.read(
-            f"SELECT {select} FROM deliveries INDEXED BY deliveries_finished"
-            f" WHERE finished_ms >= ? AND finished_ms IS NOT NULL"
-            f" AND status IN ('delivered', 'failed'){where} GROUP BY {group}",
-            [since_ms, *params],
+    async def finished_counts(
+        self, since_ms: int, until_ms: int, bucket_ms: int
+    ) -> list[BucketCount]:
+        """Per bucket and subscription (every organization): delivered and failed finishes."""
+        b = int(bucket_ms)
+        rows = await self.db.read(
+            f"SELECT finished_ms / {b} * {b} AS k, subscription, sum(status = 'delivered'),"
+            " sum(status = 'failed') FROM deliveries INDEXED BY deliveries_finished"
+            " WHERE finished_ms >= ? AND finished_ms < ? AND status IN ('delivered', 'failed')"
+            " GROUP BY k, subscription",
+            (since_ms, until_ms),
         )
-
-    async def per_minute(
-        self, organization: str | None, since_ms: int, bucket_ms: int
-    ) -> list[MinuteCount]:
-        """Deliveries finished per bucket since since_ms (delivered, failed); empty ones too."""
-        start = since_ms - since_ms % bucket_ms
-        rows = await self._finished(
-            organization,
-            start,
-            f"finished_ms / {int(bucket_ms)} * {int(bucket_ms)} AS b,"
-            " sum(status = 'delivered'), sum(status = 'failed')",
-            "b",
-        )
-        found = {int(b): (int(ok), int(bad)) for b, ok, bad in rows}
-        end = now_ms()
-        out = []
-        for b in range(start, end - end % bucket_ms + 1, bucket_ms):
-            ok, bad = found.get(b, (0, 0))
-            out.append(MinuteCount(b, ok, bad))
-        return out
-
-    async def counts_since(
-        self, organization: str | None, since_ms: int
-    ) -> dict[str, SubscriptionCounts]:
-        """Per subscription: deliveries delivered and failed since since_ms."""
-        rows = await self._finished(
-            organization,
-            since_ms,
-            "subscription, sum(status = 'delivered'), sum(status = 'failed')",
-            "subscription",
-        )
-        return {str(s): SubscriptionCounts(int(ok), int(bad)) for s, ok, bad in rows}
+        return [BucketCount(int(k), str(sub), int(ok), int(bad)) for k, sub, ok, bad in rows]
 
     async def latency(self, organization: str | None, since_ms: int) -> Latency:
         """p50/p99 attempt duration of the newest (at most LATENCY_SAMPLE) attempts since then."""
