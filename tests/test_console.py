@@ -225,3 +225,43 @@ def _config_file(harness: Harness) -> str:
 @pytest.fixture(autouse=True)
 def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PUSHERD_CONFIG", raising=False)
+
+
+def test_sessions_end_after_12_hours_idle() -> None:
+    from pusherd.console.session import IDLE_S, Sessions
+
+    now = [1000.0]
+    sessions = Sessions(clock=lambda: now[0])
+    s = sessions.create(ORG, ORG, "test", None)
+    now[0] += IDLE_S - 1
+    assert sessions.get(s.id) is s  # use keeps it alive
+    now[0] += IDLE_S - 1
+    assert sessions.get(s.id) is s
+    now[0] += IDLE_S + 1
+    assert sessions.get(s.id) is None
+    assert sessions.get("made-up") is None
+
+
+async def test_cookie_is_secure_when_served_over_https(
+    harness_factory: Callable[..., Awaitable[Harness]],
+) -> None:
+    h = await harness_factory(console={"base_url": "https://hooks.example.com"})
+    page = await h.api.get("/console/signin")
+    pre = next(v for v in page.headers.getall("Set-Cookie") if v.startswith("pusherd_console_pre"))
+    assert "Secure" in pre and "HttpOnly" in pre and "SameSite=Strict" in pre
+
+
+async def test_a_revoked_token_ends_its_session(harness: Harness) -> None:
+    from pusherd.store.db import connect_sync, transaction
+    from pusherd.store.tokens import list_tokens, revoke_token
+
+    token = harness.token()
+    await sign_in(harness.api, token)
+    assert (await harness.api.get("/console/", allow_redirects=False)).status == 200
+    conn = connect_sync(harness.config.storage.path)
+    try:
+        with transaction(conn):
+            assert revoke_token(conn, list_tokens(conn)[0].id)
+    finally:
+        conn.close()
+    assert (await harness.api.get("/console/", allow_redirects=False)).status == 303

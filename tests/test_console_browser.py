@@ -290,3 +290,21 @@ async def test_overview_chart_is_drawn_and_pages_fit_390px(
         await c.shot("390" + path.replace("/", "_"))
         assert overflow <= 0, f"{path} is {overflow}px wider than a 390px screen"
     assert c.errors == []
+
+
+async def test_keyboard_alone_reaches_the_pages(
+    harness: Harness, receiver: Receiver, console: ConsoleFactory
+) -> None:
+    token = harness.token()
+    await harness.subscribe(token, receiver.url)
+    c = await console(width=390)
+    await c.sign_in(token)  # typed, then Enter
+    await c.page.keyboard.press("Tab")
+    assert await c.page.evaluate("document.activeElement.textContent") == "Skip to content"
+    for _ in range(20):  # tab on to the Subscriptions link and follow it with Enter
+        await c.page.keyboard.press("Tab")
+        if await c.page.evaluate("document.activeElement.textContent") == "Subscriptions":
+            break
+    await c.page.keyboard.press("Enter")
+    await c.page.wait_for_url(c.base + "/console/subscriptions")
+    await c.shot("keyboard-subscriptions")
