@@ -1,4 +1,4 @@
-"""The pusherd command line: serve, token, emit, replay, backup, check-config."""
+"""The pusherd command line: serve, token, emit, replay, backup, console-link, check-config."""
 
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ def make_site(runner: web.AppRunner, listen: str) -> web.BaseSite:
 async def serve(config: Config, config_path: str | None) -> int:
     """Run both listeners until SIGTERM/SIGINT; SIGHUP reloads log level and rate limits."""
     from pusherd.app import create_app
+    from pusherd.httpserver import AppRunner
     from pusherd.keys import INGEST_APP, RUNTIME
     from pusherd.systemd import SystemdNotifier
 
@@ -58,8 +59,8 @@ async def serve(config: Config, config_path: str | None) -> int:
     app = create_app(config)
     runtime = app[RUNTIME]
     grace = min(config.delivery.shutdown_grace, 5.0)
-    api_runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=grace)
-    ingest_runner = web.AppRunner(
+    api_runner = AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=grace)
+    ingest_runner = AppRunner(
         app[INGEST_APP], access_log=None, handle_signals=False, shutdown_timeout=grace
     )
     await api_runner.setup()
@@ -333,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("dest", metavar="DEST_FILE")
     p.set_defaults(func=_lazy("pusherd.ops", "cmd_backup"))
+
+    p = sub.add_parser("console-link", help="print a one-time sign-in URL of the web console")
+    _add_config(p)
+    p.add_argument("--org", required=True, help="the organization UUID it signs in to")
+    p.add_argument("--expires-in", default="1h", metavar="DURATION", help="default: 1h")
+    p.set_defaults(func=_lazy("pusherd.console.link", "cmd_console_link"))
 
     p = sub.add_parser("check-config", help="validate and print the effective config")
     _add_config(p)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import sqlite3
 
 from pusherd.store.changes import ChangeFeed
+from pusherd.store.console import ConsoleStore
 from pusherd.store.errors import StoreError
 from pusherd.store.ids import IdSource
 from pusherd.store.sqlite.claims import ClaimStore
+from pusherd.store.sqlite.console import SqliteConsoleStore
 from pusherd.store.sqlite.db import Database
 from pusherd.store.sqlite.deliveries import DeliveryStore
 from pusherd.store.sqlite.events import EventStore
@@ -29,6 +31,7 @@ class SqliteStore(
         self.ingest_group = None
         self._records = []
         self.changes = ChangeFeed()  # in-process on SQLite
+        self.console: ConsoleStore = SqliteConsoleStore(db)
 
     def subscriptions_changed(self, organization: str) -> None:
         """Forget an organization's cached fan-out targets (inside the write that changed it)."""
