@@ -296,6 +296,31 @@ async def test_fresh_deliveries_arrive_in_ingest_order_with_one_attempt_each(
     assert rows == [("delivered", 1, 1)] * 51
 
 
+async def test_fresh_deliveries_to_a_healthy_destination_are_taken_at_ingest(
+    harness: Harness, receiver: Receiver
+) -> None:
+    # Once its destination has answered, a fresh delivery is created leased to the dispatcher
+    # in the ingest's own commit and sent without a claim (a claim would wait for a commit).
+    h = harness
+    await h.subscribe(h.token(), receiver.url)
+    await receiver.wait_for(1, "TestMessage")
+    d = h.runtime.dispatcher
+    taken: list[str] = []
+    real = d.taken
+
+    def spy(rows: list[Any]) -> None:
+        taken.extend(r.message_id for r in rows)
+        real(rows)
+
+    d.taken = spy  # type: ignore[method-assign]
+    ids = [f"fresh-{i}" for i in range(5)]
+    for n, i in enumerate(ids, start=1):
+        await h.emit(messageId=i)
+        await receiver.wait_for(n, "ProductCreated")
+    assert taken == ids
+    assert message_ids(receiver) == ids
+
+
 async def test_large_batch_to_a_slow_receiver_arrives_complete_and_in_order(
     harness_factory: HarnessFactory, receiver_factory: ReceiverFactory
 ) -> None:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import io
 import logging
-import socket
 import sys
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 
 import orjson
 import pytest
@@ -20,9 +18,8 @@ import structlog
 
 import pusherd.log
 from pusherd.log import configure_logging
-from tests.conftest import ORG, Harness
+from tests.conftest import Harness
 from tests.rawhttp import api_port, ingest_port, request, send
-from tests.service import run_cli, start_service, write_config
 
 HarnessFactory = Callable[..., Awaitable[Harness]]
 BASE = "/organizations/self/subscriptions"
@@ -125,35 +122,3 @@ def test_stdlib_records_render_exc_info_as_a_traceback(output: io.StringIO) -> N
     assert "in fail" in line["exception"]
     assert line["exception"].rstrip().endswith("ConnectionResetError: peer went away")
     assert "<traceback object" not in output.getvalue()
-
-
-def _blocking_status(port: int, data: bytes) -> int:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(data)
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
-    return int(answer.split(b" ", 2)[1])
-
-
-def test_a_serving_daemon_writes_no_token_it_could_not_parse(tmp_path: Path) -> None:
-    """The whole process, logging as `pusherd serve` configures it, over real sockets."""
-    config = tmp_path / "pusherd.toml"
-    api, ingest = write_config(config, tmp_path / "pusherd.sqlite3")
-    created = run_cli(
-        "token", "create", "--config", str(config), "--org", ORG, "--scope", "READ:PRODUCT"
-    )
-    assert created.returncode == 0, created.stderr
-    token = created.stdout.strip()
-    service = start_service(config, api, ingest)
-    try:
-        service.wait_healthy()
-        for header in _bad_headers(token):
-            assert _blocking_status(api, request("GET", BASE, header)) == 400
-        good = f"Authorization: Bearer {token}\r\n".encode()
-        assert _blocking_status(api, request("GET", BASE, good)) == 200
-    finally:
-        assert service.stop() == 0
-    log = service.log()
-    assert token not in log
-    assert log.count('"http_request_rejected"') == len(_bad_headers(token)), log

@@ -21,6 +21,8 @@ from pusherd.store import Change, Store, UuidTakenError, open_store
 from pusherd.store.types import (
     AttemptRecord,
     Claim,
+    ClaimedDelivery,
+    Handover,
     NewEvent,
     NewSubscription,
     Subscription,
@@ -526,3 +528,66 @@ async def test_a_delivery_outcome_that_disables_is_announced(store: Store) -> No
     assert [(c.kind, c.subscription, c.organization) for c in seen] == [
         ("subscription_disabled", sub.uuid, ORG)
     ]
+
+
+# -- fresh deliveries handed over at ingest ----------------------------------------------------
+
+
+class Taking:
+    """A taker offering fixed room, recording what it was handed."""
+
+    def __init__(self, room: dict[str, int], skip: frozenset[str] = frozenset()) -> None:
+        self.offer = Handover("taker", LEASE_MS, room, skip)
+        self.handed: list[list[ClaimedDelivery]] = []
+
+    def handover(self) -> Handover | None:
+        return self.offer
+
+    def taken(self, deliveries: list[ClaimedDelivery]) -> None:
+        self.handed.append(deliveries)
+
+
+async def test_fresh_deliveries_are_handed_over_leased_within_the_offered_room(
+    store: Store,
+) -> None:
+    a = await subscribe(store, "https://a.example/hook")
+    b = await subscribe(store, "https://b.example/hook")
+    taker = Taking({"https://a.example:443": 3})
+    await store.take_fresh(taker)
+    mids = await ingest(store, 5)
+    (handed,) = taker.handed
+    assert [d.message_id for d in handed] == mids[:3]  # the room, in ingest order
+    assert {d.subscription for d in handed} == {a.uuid}
+    assert handed[0].destination == a.destination and handed[0].signing_keys == ("k" * 32,)
+    # The rest is claimed as usual: a's two rows it had no room for, b's five.
+    c = await claim(store, owner="other")
+    assert [d.message_id for d in c.deliveries if d.subscription == a.uuid] == mids[3:]
+    assert [d.message_id for d in c.deliveries if d.subscription == b.uuid] == mids
+    # The handed rows are the taker's: it records them.
+    await store.record_attempt(handed[0], "taker", record(True), "delivered", None, 10**9)
+    assert (await store.delivery_counts([a.uuid])).delivered == 1
+
+
+async def test_a_fresh_delivery_never_overtakes_an_older_due_one(store: Store) -> None:
+    a = await subscribe(store, "https://a.example/hook")
+    old = await ingest(store, 2)  # due, unclaimed
+    taker = Taking({"https://a.example:443": 10})
+    await store.take_fresh(taker)
+    new = await ingest(store, 2)
+    assert taker.handed == []
+    assert [d.message_id for d in (await claim(store)).deliveries] == old + new
+    # Once its older rows are in flight, fresh ones are handed over again.
+    more = await ingest(store, 1)
+    assert [d.message_id for d in taker.handed[0]] == more
+    assert taker.handed[0][0].subscription == a.uuid
+
+
+async def test_skipped_subscriptions_and_stopped_takers_get_nothing(store: Store) -> None:
+    a = await subscribe(store, "https://a.example/hook")
+    taker = Taking({"https://a.example:443": 10}, skip=frozenset({a.uuid}))
+    await store.take_fresh(taker)
+    await ingest(store, 1)
+    await store.take_fresh(None)
+    await ingest(store, 1)
+    assert taker.handed == []
+    assert len((await claim(store)).deliveries) == 2

@@ -17,9 +17,6 @@ Rows leased by a process of this host that died are handed back as soon as a new
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
-import socket
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -29,6 +26,7 @@ import structlog
 
 from pusherd.clock import now_ms
 from pusherd.config import DeliveryConfig
+from pusherd.delivery.leases import new_owner, owner_is_dead
 from pusherd.delivery.origins import (
     BREAKER_FIRST_PAUSE_S,
     QUEUE_FACTOR,
@@ -38,12 +36,12 @@ from pusherd.delivery.origins import (
     Origin,
     prune,
 )
+from pusherd.delivery.recorder import Recorder
 from pusherd.delivery.retry import Outcome, RetryPolicy
 from pusherd.delivery.sender import Exchange, Sender, origin_of, outcome_label
-from pusherd.log import info_enabled
 from pusherd.metrics import Metrics
 from pusherd.store import Change, Store, StoreError
-from pusherd.store.types import AttemptRecord, ClaimedDelivery, StatusChange
+from pusherd.store.types import ClaimedDelivery, Handover, StatusChange
 
 log = structlog.get_logger("pusherd.delivery")
 
@@ -53,24 +51,6 @@ PRUNE_EVERY_S = 5.0  # idle origins are looked for this often, and after subscri
 STALE_ROWS = frozenset(
     {"subscription_changed", "subscription_deleted", "subscription_disabled", "key_rotated"}
 )
-
-
-def owner_is_dead(owner: str) -> bool:
-    """Whether a lease owner ("host:pid:nonce") was a process of this host that is gone."""
-    host, _, rest = owner.partition(":")
-    pid_text, _, _ = rest.partition(":")
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return False  # another machine's, or unknown: its lease runs out on its own
-    pid = int(pid_text)
-    if pid == os.getpid():
-        return True  # an earlier process with our pid (the nonce differs: not us)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 class Dispatcher:
@@ -93,7 +73,7 @@ class Dispatcher:
         self.metrics = metrics
         self.on_status_change = on_status_change
         self.policy = policy or RetryPolicy(config.retry_schedule, config.jitter)
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.owner = new_owner()
         self.lease_ms = int(config.lease * 1000)
         self.disable_after_ms = int(config.disable_after * 1000)
         self.breaker_pause_s = breaker_pause_s
@@ -116,7 +96,9 @@ class Dispatcher:
             o: metrics.attempts.labels(outcome=o)
             for o in ("success", "http_error", "network_error", "timeout")
         }
-        self._finished = {s: metrics.finished.labels(status=s) for s in ("delivered", "failed")}
+        self._recorder = Recorder(
+            store, self.owner, self.policy, metrics, self.disable_after_ms, on_status_change
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -157,6 +139,27 @@ class Dispatcher:
         """Claim without waiting for the poll (the change feed calls this for queued rows)."""
         self._wake.set()
 
+    def handover(self) -> Handover | None:
+        """The room it offers fresh deliveries now (asked by the store inside an ingest's write):
+        origins proven healthy with room; others, and new origins, go through a claim."""
+        if self._stop.is_set() or self._settling:
+            return None
+        now = time.monotonic()
+        budget = self.config.max_in_flight * (1 + QUEUE_FACTOR) - len(self._held)
+        claims = Claims(self._origins.values(), self._limits, budget, now)
+        room = {
+            name: n
+            for name, origin in self._origins.items()
+            if origin.proven and (n := claims.room(origin)) > 0
+        }
+        if not room:
+            return None
+        return Handover(self.owner, self.lease_ms, room, frozenset(self._gone))
+
+    def taken(self, deliveries: list[ClaimedDelivery]) -> None:
+        """Deliveries an ingest committed leased to us: sent like claimed ones."""
+        self._dispatch(deliveries)
+
     def _forget(self, subscription: str) -> list[int]:
         """Take a subscription's claimed-but-waiting rows out of the origins' queues."""
         ids: list[int] = []
@@ -190,6 +193,7 @@ class Dispatcher:
         self._stop.set()
         if self._unsubscribe is not None:
             self._unsubscribe()
+        await self.store.take_fresh(None)
         if self._loop_task is not None:
             await self._loop_task
         waiting = [d.id for o in self._origins.values() for d in o.waiting]
@@ -231,6 +235,7 @@ class Dispatcher:
 
     async def _run(self) -> None:
         await self._recover()
+        await self.store.take_fresh(self)
         while not self._stop.is_set():
             self._wake.clear()
             try:
@@ -448,7 +453,7 @@ class Dispatcher:
             # (the row stays ours until then), so recording never idles the receiver.
             free_slot()
             try:
-                await self._record(d, outcome, started)
+                await self._recorder.record(d, outcome, started)
             finally:
                 if outcome.status_code == 410:
                     self._gone.discard(d.subscription)
@@ -482,34 +487,3 @@ class Dispatcher:
         origin.circuit_gauge.set(1 if origin.breaker.tripped() else 0)
         self._outcomes[outcome_label(outcome)].inc()
         self.metrics.attempt_duration.observe(outcome.duration_ms / 1000)
-
-    async def _record(self, d: ClaimedDelivery, outcome: Outcome, started: int) -> None:
-        decision = self.policy.decide(d.schedule_pos + 1, outcome, now_ms())
-        record = AttemptRecord(
-            started_ms=started,
-            duration_ms=round(outcome.duration_ms, 3),
-            status_code=outcome.status_code,
-            error=outcome.error,
-            response_body=outcome.body,
-        )
-        change = await self.store.record_attempt(
-            d, self.owner, record, decision.kind, decision.next_attempt_ms, self.disable_after_ms
-        )
-        if decision.kind == "delivered":
-            self._finished["delivered"].inc()
-        elif decision.kind in ("failed", "gone"):
-            self._finished["failed"].inc()
-        if info_enabled():
-            log.info(
-                "delivery_attempted",
-                delivery_id=d.id,
-                subscription=d.subscription,
-                event_name=d.event_name,
-                attempt=d.attempts + 1,
-                status_code=outcome.status_code,
-                error=outcome.error,
-                duration_ms=round(outcome.duration_ms, 1),
-                result=decision.kind,
-            )
-        if change is not None:
-            self.on_status_change(change)

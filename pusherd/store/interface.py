@@ -29,6 +29,7 @@ from pusherd.store.types import (
     StatusChange,
     Subscription,
     SubscriptionChanges,
+    Taker,
     Token,
 )
 
@@ -125,6 +126,10 @@ class DeliveryQueue(Protocol):
         not named: default_room, and at most default_total for all of those together), at most
         budget in all, per subscription in ingest order. A row is claimable when pending, due,
         and not leased or its lease has run out."""
+        ...
+
+    async def take_fresh(self, taker: Taker | None) -> None:
+        """Hand fresh deliveries of this process's ingests straight to taker (see Handover)."""
         ...
 
     async def origins_in_use(self, origins: Collection[str]) -> set[str]:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Protocol
 
 SubscriptionStatus = Literal["ACTIVE", "FAILING", "DISABLED"]
 DeliveryStatus = Literal["pending", "delivered", "failed", "cancelled"]
@@ -128,6 +128,32 @@ class Claim:
     deliveries: list[ClaimedDelivery]
     more: bool  # something due may have been left for lack of room in this claim: claim again
     next_due_ms: int | None  # the earliest due time after now of any queue (None: nothing pending)
+
+
+@dataclass(frozen=True)
+class Handover:
+    """Room a dispatcher of this process offers to fresh deliveries, as a snapshot.
+
+    An ingest creates a delivery already leased to `owner` (no claim needed) when its origin has
+    room here and nothing older of its subscription is due; the others are claimed as usual.
+    """
+
+    owner: str
+    lease_ms: int
+    room: Mapping[str, int]  # origin -> rows it may take now; an origin not named takes none
+    skip: frozenset[str] = frozenset()  # subscriptions whose rows must go through a claim
+
+
+class Taker(Protocol):
+    """A dispatcher that takes fresh deliveries straight from ingest."""
+
+    def handover(self) -> Handover | None:
+        """The room it offers now (None: nothing); asked inside the ingest's write."""
+        ...
+
+    def taken(self, deliveries: list[ClaimedDelivery]) -> None:
+        """Deliveries an ingest committed leased to it, in ingest order."""
+        ...
 
 
 @dataclass(frozen=True)

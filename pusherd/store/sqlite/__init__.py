@@ -29,6 +29,7 @@ class SqliteStore(
         self.ids = IdSource()
         self.targets_cache = {}
         self.ingest_group = None
+        self.taker = None
         self._records = []
         self.changes = ChangeFeed()  # in-process on SQLite
         self.console: ConsoleStore = SqliteConsoleStore(db)

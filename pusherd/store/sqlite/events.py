@@ -16,7 +16,7 @@ from pusherd.store.changes import Change, ChangeFeed
 from pusherd.store.ids import IdSource
 from pusherd.store.sqlite import queues
 from pusherd.store.sqlite.db import Database
-from pusherd.store.types import IngestResult, Matcher, NewEvent
+from pusherd.store.types import ClaimedDelivery, Handover, IngestResult, Matcher, NewEvent, Taker
 
 _QUEUED = Change("deliveries_queued")
 
@@ -65,13 +65,19 @@ class Fanout:
 
 
 def insert_events(
-    conn: sqlite3.Connection, ids: IdSource, fanouts: Sequence[Fanout], now: int
+    conn: sqlite3.Connection,
+    ids: IdSource,
+    fanouts: Sequence[Fanout],
+    now: int,
+    handover: Handover | None = None,
+    handed: list[ClaimedDelivery] | None = None,
 ) -> list[IngestResult]:
     """Insert events and a pending delivery to each of their subscriptions, in order.
 
     Two multi-row statements do the work of two statements per event. An event whose messageId
     is already stored for its organization (or comes earlier in `fanouts`) is a duplicate:
-    nothing is written for it and the original messageUuid is returned.
+    nothing is written for it and the original messageUuid is returned. With a handover, the
+    deliveries it has room for are created leased to its owner and appended to `handed`.
     """
     now_iso = iso_ms(now)
     uuids = [ids.uuid1() for _ in fanouts]
@@ -107,6 +113,7 @@ def insert_events(
             continue
         for sub in f.subscriptions:
             rows.append((seq, sub, "pending", now, now, None, None))
+    leased = _lease_fresh(conn, rows, handover, now) if handover is not None and rows else {}
     delivery_ids = {
         (seq, sub): i
         for i, seq, sub in _insert_many(
@@ -117,7 +124,14 @@ def insert_events(
             rows,
         )
     }
-    queues.fresh_rows(conn, {str(r[1]) for r in rows}, now)
+    queues.fresh_rows(conn, {str(r[1]) for r in rows if r[5] is None}, now)
+    if leased:
+        assert handover is not None and handed is not None
+        until = now + handover.lease_ms
+        queues.fresh_rows(conn, {str(r[1]) for r in rows if r[5] is not None}, until)
+        handed.extend(
+            _handed(conn, fanouts, seqs, uuids, message_ids, delivery_ids, leased, now_iso, now)
+        )
     results = []
     for f, u, mid, seq in zip(fanouts, uuids, message_ids, seqs, strict=True):
         event = f.event
@@ -132,6 +146,93 @@ def insert_events(
         ids_of_event = tuple([delivery_ids[(seq, sub)] for sub in f.subscriptions])
         results.append(IngestResult(u, mid, len(ids_of_event), False, ids_of_event))
     return results
+
+
+def _lease_fresh(
+    conn: sqlite3.Connection, rows: list[tuple[object, ...]], handover: Handover, now: int
+) -> dict[str, int]:
+    """Turn the rows the handover has room for into rows leased to its owner, in place.
+
+    A subscription's row is taken only while nothing of it is due unclaimed (older rows are in
+    flight or waiting for a retry, or there are none), and once one of its rows is left in the
+    table, its later rows are left too: a fresh delivery never overtakes an older one.
+    Returns subscription -> rows taken.
+    """
+    subs = {str(r[1]) for r in rows} - handover.skip
+    open_subs = {
+        str(sub): str(origin)
+        for sub, origin, due in conn.execute(
+            "SELECT subscription, origin, next_due_ms FROM queues"
+            " WHERE subscription IN (SELECT value FROM json_each(?))",
+            (queues.id_list(subs),),
+        ).fetchall()
+        if due is None or due > now
+    }
+    room = dict(handover.room)
+    until = now + handover.lease_ms
+    taken: dict[str, int] = {}
+    for i, (seq, sub, *_) in enumerate(rows):
+        origin = open_subs.get(str(sub))
+        if origin is None:
+            continue
+        if room.get(origin, 0) > 0:
+            room[origin] -= 1
+            rows[i] = (seq, sub, "pending", until, now, handover.owner, until)
+            taken[str(sub)] = taken.get(str(sub), 0) + 1
+        else:
+            del open_subs[str(sub)]
+    return taken
+
+
+def _handed(
+    conn: sqlite3.Connection,
+    fanouts: Sequence[Fanout],
+    seqs: Sequence[int | None],
+    uuids: Sequence[str],
+    message_ids: Sequence[str],
+    delivery_ids: dict[tuple[int, str], int],
+    leased: dict[str, int],
+    now_iso: str,
+    now: int,
+) -> list[ClaimedDelivery]:
+    """What the taker needs to send the leased rows, in ingest order."""
+    keys = {
+        str(r[0]): r[1:]
+        for r in conn.execute(
+            "SELECT uuid, destination, signing_key, prev_signing_key, prev_key_until_ms"
+            " FROM subscriptions WHERE uuid IN (SELECT value FROM json_each(?))",
+            (queues.id_list(leased),),
+        ).fetchall()
+    }
+    left = dict(leased)
+    out = []
+    for f, seq, u, mid in zip(fanouts, seqs, uuids, message_ids, strict=True):
+        if seq is None:
+            continue
+        for sub in f.subscriptions:
+            if not left.get(sub):
+                continue
+            left[sub] -= 1
+            destination, key, prev, prev_until = keys[sub]
+            out.append(
+                ClaimedDelivery(
+                    id=delivery_ids[(seq, sub)],
+                    subscription=sub,
+                    attempts=0,
+                    schedule_pos=0,
+                    organization=f.event.organization,
+                    message_uuid=u,
+                    event_name=f.event.event_name,
+                    message_id=mid,
+                    payload=f.event.payload,
+                    timestamp=f.event.timestamp or now_iso,
+                    destination=destination,
+                    signing_keys=(key,)
+                    if prev is None or (prev_until or 0) <= now
+                    else (key, prev),
+                )
+            )
+    return out
 
 
 def insert_event(
@@ -171,6 +272,7 @@ class IngestGroup:
     fanouts: list[Fanout] = field(default_factory=list)
     matchers: list[Matcher] = field(default_factory=list)
     written: asyncio.Future[list[IngestResult]] | None = None
+    handed: list[ClaimedDelivery] = field(default_factory=list)  # leased to the taker
 
 
 class EventStore:
@@ -183,6 +285,11 @@ class EventStore:
     # subscription, so a write later in the same group commit never sees a stale list.
     targets_cache: dict[str, list[Target]]
     ingest_group: IngestGroup | None  # the requests the next group commit writes
+    taker: Taker | None  # takes fresh deliveries without a claim
+
+    async def take_fresh(self, taker: Taker | None) -> None:
+        """Hand fresh deliveries of this process's ingests straight to taker (see Handover)."""
+        self.taker = taker
 
     def subscriptions_changed(self, organization: str) -> None:
         """Forget an organization's cached fan-out targets (call inside the write that changed
@@ -211,6 +318,8 @@ class EventStore:
                     self.ingest_group = None
                 if done.cancelled() or done.exception() is not None:
                     return  # retrieved: each request has its own copy via shield
+                if group.handed and self.taker is not None:
+                    self.taker.taken(group.handed)
                 if any(r.deliveries and not r.duplicate for r in done.result()):
                     self.changes.announce(_QUEUED)  # once per group commit
 
@@ -234,7 +343,9 @@ class EventStore:
                 subs = targets[f.event.organization] = _targets(conn, f.event.organization)
             wanted = [t for t in subs if matches(f.event.event_name, t.event_names, t.scopes)]
             f.subscriptions = [t.uuid for t in wanted]
-        return insert_events(conn, self.ids, group.fanouts, now_ms())
+        # The taker's room is read here, at the write, as data: what it can take right now.
+        handover = self.taker.handover() if self.taker is not None else None
+        return insert_events(conn, self.ids, group.fanouts, now_ms(), handover, group.handed)
 
     async def send_to(self, event: NewEvent, subscriptions: Sequence[str]) -> IngestResult:
         """Store one event addressed to the given subscriptions only (test sends)."""
