@@ -7,7 +7,8 @@ the daemon.
 - subs_cpu_ratio: the daemon's CPU (utime + stime) per delivered event with 10,000 subscriptions
   spread over 50 origins (one receiver process, 50 ports; 10,000 organizations with one
   subscription each, so each event has one delivery) divided by the same with one subscription.
-  Events are posted in 100-event batches cycling over the organizations, receivers up; the
+  Events are posted in 100-event batches cycling over the organizations while the receiver is
+  stopped (SIGSTOP), so the deliveries are claimed from the outbox, then it is resumed; the
   window runs from the first request to the last delivery (pusherd_deliveries_finished_total).
 - idle_cpu_pct: the same daemon, grown to 100,000 subscriptions through the API (32 concurrent
   creations; the rate of the first and of the last 10% is reported), its TestMessages all
@@ -257,13 +258,21 @@ def delivered(R: Any, daemon: Any) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def cpu_per_event(R: Any, daemon: Any, workdir: Path, orgs: list[str], n: int, tag: str) -> float:
-    """Daemon CPU seconds per delivered event for n events over orgs (receivers up)."""
+def cpu_per_event(
+    R: Any, daemon: Any, recv: Any, workdir: Path, orgs: list[str], n: int, tag: str
+) -> float:
+    """Daemon CPU seconds per delivered event: n events over orgs are ingested while the
+    receivers are stopped (so the deliveries are claimed from the outbox, not handed over
+    at ingest), then drained."""
     R.wait_until(lambda: queue_empty(R, daemon), 120, "an empty queue", 0.05)
     base = delivered(R, daemon)
     c0 = daemon_cpu_s(daemon.proc.pid)
-    client(R, workdir, "events", orgs, "--url", daemon.events_url, "--n", str(n),
-           "--concurrency", "4", "--prefix", tag)  # fmt: skip
+    recv.pause()
+    try:
+        client(R, workdir, "events", orgs, "--url", daemon.events_url, "--n", str(n),
+               "--concurrency", "4", "--prefix", tag)  # fmt: skip
+    finally:
+        recv.resume()
     R.wait_until(lambda: delivered(R, daemon) >= base + n, 300, f"{n} deliveries", 0.05)
     return (daemon_cpu_s(daemon.proc.pid) - c0) / n
 
@@ -293,11 +302,15 @@ def phase_growth(s: Any, procs: Any, workdir: Path, res: Any, R: Any) -> None:
         orgs = [str(uuid.uuid4()) for _ in range(MANY_SUBS)]
         tokens = make_tokens(many.dir / "pusherd.sqlite3", orgs)
         create_subscriptions(R, s, many, workdir, tokens, dests, MANY_SUBS, 0, res)
-        cpu_per_event(R, one, workdir, [org], n // 4, "warm")
-        cpu_per_event(R, many, workdir, orgs, n // 4, "warm")
+        cpu_per_event(R, one, recv, workdir, [org], n // 4, "warm")
+        cpu_per_event(R, many, recv, workdir, orgs, n // 4, "warm")
         for i in range(s.runs):  # interleaved: both see the same moment of the machine
-            res.add("subs_cpu_one_us", 1e6 * cpu_per_event(R, one, workdir, [org], n, f"o{i}"))
-            res.add("subs_cpu_many_us", 1e6 * cpu_per_event(R, many, workdir, orgs, n, f"m{i}"))
+            res.add(
+                "subs_cpu_one_us", 1e6 * cpu_per_event(R, one, recv, workdir, [org], n, f"o{i}")
+            )
+            res.add(
+                "subs_cpu_many_us", 1e6 * cpu_per_event(R, many, recv, workdir, orgs, n, f"m{i}")
+            )
             R.say(
                 f"growth run {i + 1}: CPU/event 1 sub {res.samples['subs_cpu_one_us'][-1]:.0f} us,"
                 f" {MANY_SUBS:,} subs {res.samples['subs_cpu_many_us'][-1]:.0f} us"

@@ -59,9 +59,9 @@ async def test_an_idle_cycle_reads_the_due_index_only_whatever_the_subscriptions
         for conn in (store.db._quick, store.db._writer):
             conn.set_trace_callback(None)
     assert all(c.deliveries == [] for c in claims)
-    # A few statements per cycle (find what is due, when to look again), none per subscription,
+    # One statement per idle cycle (both ends of the due index), none per subscription,
     # and never a read of the subscriptions table.
     per_claim = [s for s in statements if "queues" in s]
-    assert len(statements) <= 3 * len(claims) + 10, statements[:20]
+    assert len(statements) <= len(claims) + 10, statements[:20]
     assert len(per_claim) >= len(claims)
     assert not [s for s in statements if "subscriptions" in s], statements[:20]

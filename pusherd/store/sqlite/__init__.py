@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from pusherd.store.changes import ChangeFeed
+from pusherd.store.changes import Change, ChangeFeed
 from pusherd.store.console import ConsoleStore
 from pusherd.store.errors import StoreError
 from pusherd.store.ids import IdSource
@@ -33,6 +33,14 @@ class SqliteStore(
         self._records = []
         self.changes = ChangeFeed()  # in-process on SQLite
         self.console: ConsoleStore = SqliteConsoleStore(db)
+        # Writes of this process forget cached fan-out targets inside the write itself (a later
+        # write of the same group commit must not see a stale list); the feed does it for the
+        # rest, as it will for changes made by another process on PostgreSQL.
+        self.changes.subscribe(self._changed)
+
+    def _changed(self, change: Change) -> None:
+        if change.kind.startswith("subscription_") and change.organization:
+            self.targets_cache.pop(change.organization, None)
 
     def subscriptions_changed(self, organization: str) -> None:
         """Forget an organization's cached fan-out targets (inside the write that changed it)."""

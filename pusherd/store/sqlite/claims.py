@@ -167,15 +167,15 @@ class ClaimStore:
         nothing is due.
         """
         now = now_ms()
-        plan, more = self._plan(now, room, default_room, budget, default_total)
+        plan, more, next_due = self._plan(now, room, default_room, max(budget, 0), default_total)
         if not plan:
-            return Claim([], more, self._next_due_after(now))
+            return Claim([], more, next_due)
 
         def fn(conn: sqlite3.Connection) -> tuple[list[ClaimedDelivery], bool]:
             return _claim_rows(conn, owner, plan, now, now + lease_ms)
 
         claimed, full = await self.db.write(fn, durable=False)
-        return Claim(claimed, more or full, self._next_due_after(now))
+        return Claim(claimed, more or full, next_due)
 
     def _plan(
         self,
@@ -184,22 +184,26 @@ class ClaimStore:
         default_room: int,
         budget: int,
         default_total: int | None,
-    ) -> tuple[list[tuple[str, int]], bool]:
-        """(subscription, how many) to claim, and whether due queues were left unread."""
-        if budget <= 0:
-            return [], False
+    ) -> tuple[list[tuple[str, int]], bool, int | None]:
+        """(subscription, how many) to claim, whether due queues were left unread, and the
+        earliest due time after now: one read of the two ends of the due index (an idle poll
+        is this one query)."""
         blocked = [o for o, n in room.items() if n <= 0]
         where = ""
         if 0 < len(blocked) <= BLOCKED_IN_SQL:
             where = f" AND origin NOT IN ({','.join('?' * len(blocked))})"
         else:
             blocked = []
-        limit = budget + 16
-        rows = self.db.read_now(
-            f"SELECT subscription, origin FROM queues WHERE next_due_ms <= ?{where}"
-            " ORDER BY next_due_ms LIMIT ?",
-            (now, *blocked, limit),
+        limit = budget + 16 if budget > 0 else 0
+        found = self.db.read_now(
+            "SELECT * FROM (SELECT subscription, origin FROM queues"
+            f" WHERE next_due_ms <= ?{where} ORDER BY next_due_ms LIMIT ?)"
+            " UNION ALL SELECT NULL, min(next_due_ms) FROM queues WHERE next_due_ms > ?",
+            (now, *blocked, limit, now),
         )
+        rows = [r for r in found if r[0] is not None]
+        after = [r[1] for r in found if r[0] is None and r[1] is not None]
+        next_due = int(after[0]) if after else None
         by_origin: dict[str, list[str]] = {}
         for sub, origin in rows:
             by_origin.setdefault(origin, []).append(sub)
@@ -222,11 +226,7 @@ class ClaimStore:
                 budget -= n
             if budget <= 0:
                 break
-        return plan, len(rows) >= limit
-
-    def _next_due_after(self, now: int) -> int | None:
-        rows = self.db.read_now("SELECT min(next_due_ms) FROM queues WHERE next_due_ms > ?", (now,))
-        return None if rows[0][0] is None else int(rows[0][0])
+        return plan, limit > 0 and len(rows) >= limit, next_due
 
     async def release(self, owner: str, ids: Sequence[int]) -> None:
         """Give leased deliveries back without spending an attempt, due at once."""
