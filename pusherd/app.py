@@ -11,6 +11,7 @@ from pusherd.api.errors import error_middleware
 from pusherd.api.ingest import healthz
 from pusherd.auth import auth_middleware
 from pusherd.config import Config
+from pusherd.console import add_console
 from pusherd.keys import INGEST_APP, RUNTIME
 from pusherd.log import guard_server_logs
 from pusherd.openapi import add_routes as add_openapi_routes
@@ -34,6 +35,7 @@ def create_app(config: Config, *, dispatch: bool = True) -> web.Application:
     add_openapi_routes(api)
     zettle.add_routes(api)
     paystell.add_routes(api)
+    add_console(api, runtime)
 
     ingest_app = web.Application(
         middlewares=[error_middleware], client_max_size=config.ingest.max_body

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 from aiohttp import web
@@ -12,6 +13,8 @@ from pusherd.errors import ApiError
 from pusherd.keys import RUNTIME, TOKEN_KEY, request_token
 
 PUBLIC_PATHS = frozenset({"/healthz", "/healthz/", "/openapi.json", "/openapi.json/"})
+ADMIN = "ADMIN"  # an operator's scope: any organization in a path, every one in the console
+CONSOLE_PREFIX = "/console"  # the console signs in with a session cookie, checked by itself
 
 
 def bearer(request: web.Request) -> str | None:
@@ -35,7 +38,7 @@ def bearer(request: web.Request) -> str | None:
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """401 without a valid token; then the rate limit, whose headers go on every answer."""
-    if request.path in PUBLIC_PATHS:
+    if request.path in PUBLIC_PATHS or request.path.startswith(CONSOLE_PREFIX):
         return await handler(request)
     if request.match_info.http_exception is not None and "Authorization" not in request.headers:
         return await handler(request)  # an unknown route or method, asked anonymously
@@ -71,13 +74,21 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def resolve_org(request: web.Request, value: str) -> str:
-    """The organization a path names: the token's own or "self"; any other → 403."""
+    """The organization a path names: the token's own or "self"; any other → 403.
+
+    An ADMIN token may name any organization: for the rest of the request it then acts as a
+    token of that organization (with its own scopes), so every handler stays as it is.
+    """
     token = request_token(request)
     if value == "self" or value == token.organization:
         return token.organization
     try:
-        if str(uuid.UUID(value)) == token.organization:
-            return token.organization
+        named = str(uuid.UUID(value))
     except ValueError:
-        pass
+        named = ""
+    if named == token.organization:
+        return token.organization
+    if named and ADMIN in token.scopes:
+        request[TOKEN_KEY] = dataclasses.replace(token, organization=named)
+        return named
     raise ApiError(403, "this token does not belong to that organization")

@@ -1,4 +1,4 @@
-"""The pusherd command line: serve, token, emit, replay, backup, check-config."""
+"""The pusherd command line: serve, token, emit, replay, backup, console-link, check-config."""
 
 from __future__ import annotations
 
@@ -334,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("dest", metavar="DEST_FILE")
     p.set_defaults(func=_lazy("pusherd.ops", "cmd_backup"))
+
+    p = sub.add_parser("console-link", help="print a one-time sign-in URL of the web console")
+    _add_config(p)
+    p.add_argument("--org", required=True, help="the organization UUID it signs in to")
+    p.add_argument("--expires-in", default="1h", metavar="DURATION", help="default: 1h")
+    p.set_defaults(func=_lazy("pusherd.console.link", "cmd_console_link"))
 
     p = sub.add_parser("check-config", help="validate and print the effective config")
     _add_config(p)

@@ -143,6 +143,12 @@ class SmtpConfig:
 
 
 @dataclass(frozen=True)
+class ConsoleConfig:
+    enabled: bool = True
+    base_url: str = ""  # public URL of the API listener for console-link; "": http://<api.listen>
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "auto"
@@ -162,6 +168,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     log: LogConfig = field(default_factory=LogConfig)
     events: tuple[EventType, ...] = ()
     source: str = ""  # the file it was read from, "" for built-in defaults
@@ -231,6 +238,13 @@ def _format(value: object) -> str:
     return text
 
 
+def _base_url(value: object) -> str:
+    text = _string(value).rstrip("/")
+    if text and not re.match(r"^https?://[^/\s]+(/\S*)?$", text):
+        raise ValueError('expected an absolute http:// or https:// URL, or ""')
+    return text
+
+
 # Per section: TOML key -> (dataclass field, parser).
 _SECTIONS: dict[str, tuple[type[Any], dict[str, tuple[str, Any]]]] = {
     "api": (ApiConfig, {"listen": ("listen", _listen)}),
@@ -277,6 +291,10 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, tuple[str, Any]]]] = {
             "timeout": ("timeout", _positive_duration),
             "repeat_after": ("repeat_after", parse_duration),
         },
+    ),
+    "console": (
+        ConsoleConfig,
+        {"enabled": ("enabled", _bool), "base_url": ("base_url", _base_url)},
     ),
     "log": (LogConfig, {"level": ("level", _level), "format": ("format", _format)}),
 }

@@ -38,6 +38,8 @@ def _canonical(doc_path: str) -> str:
 def _routes(app: web.Application) -> set[tuple[str, str]]:
     out = set()
     for route in app.router.routes():
+        if route.resource is not None and route.resource.canonical.startswith("/console"):
+            continue  # the console's HTML pages (SPEC §9) are not API operations
         info = route.resource.get_info() if route.resource is not None else {}
         path = info.get("path") or info.get("formatter")
         assert path, route

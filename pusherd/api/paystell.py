@@ -11,7 +11,6 @@ import re
 import uuid as uuidlib
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from pusherd.api import routes
@@ -23,17 +22,14 @@ from pusherd.runtime import Runtime
 from pusherd.store.types import (
     AttemptRecord,
     DeliveryView,
-    NewEvent,
     Subscription,
     SubscriptionChanges,
 )
 
 SECRET_MIN = 32
 SECRET_MAX = 512
-ROTATION_OVERLAP_MS = 24 * 3600 * 1000
 TEST_EVENT_DEFAULT = "test.event"
 TEST_EVENT_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
-TEST_PAYLOAD = orjson.dumps({"test": True}).decode()
 EVENT_STATUSES = frozenset({"pending", "delivered", "failed"})
 LIMIT_DEFAULT = 50
 LIMIT_MAX = 200
@@ -258,11 +254,10 @@ async def generate_secret(request: web.Request) -> web.Response:
             {"secret": secret, "webhookId": None},
             "Secret generated; no webhook is registered, so it was not applied",
         )
-    rotated = await runtime.store.rotate_signing_key(
-        sub.organization, sub.uuid, secret, ROTATION_OVERLAP_MS
-    )
-    if not rotated:
-        raise ApiError(404, "no such webhook")
+    try:
+        await subs.rotate_key(runtime, sub, secret)
+    except subs.Refused as exc:
+        raise ApiError(exc.status, exc.message) from None
     return success(
         {"secret": secret, "webhookId": sub.uuid},
         "Secret generated; the previous one keeps signing alongside it for 24 hours",
@@ -282,12 +277,11 @@ async def _test_event_name(request: web.Request) -> str:
 async def _send_test(
     runtime: Runtime, org: str, name: str, targets: list[Subscription]
 ) -> web.Response:
-    event = NewEvent(org, name, TEST_PAYLOAD, None, None)
-    result = await runtime.store.send_to(event, [s.uuid for s in targets])
-    events = [
-        {"webhookId": s.uuid, "eventId": str(i)}
-        for s, i in zip(targets, result.delivery_ids, strict=True)
-    ]
+    try:
+        sent = await subs.send_test(runtime, org, name, targets)
+    except subs.Refused as exc:
+        raise ApiError(exc.status, exc.message) from None
+    events = [{"webhookId": w, "eventId": str(i)} for w, i in sent]
     return success(
         {"eventId": events[0]["eventId"], "events": events}, "Test webhook sent successfully"
     )
@@ -310,8 +304,6 @@ async def test_one(request: web.Request) -> web.Response:
     org = request_token(request).organization
     sub = await _by_id(runtime, org, request.match_info["id"])
     name = await _test_event_name(request)
-    if sub.status == "DISABLED":
-        raise ApiError(409, "this webhook is not active; set isActive to true first")
     return await _send_test(runtime, org, name, [sub])
 
 
@@ -357,17 +349,10 @@ async def retry_event(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     org = request_token(request).organization
     delivery_id = _delivery_id(request)
-    d = await runtime.store.get_delivery(delivery_id, org)
-    if d is None:
-        raise ApiError(404, "no such event")
-    sub = await runtime.store.get_subscription(org, d.subscription)
-    if sub is not None and sub.status == "DISABLED":
-        raise ApiError(409, "this webhook is not active; set isActive to true first")
-    outcome = await runtime.store.requeue(delivery_id, org)
-    if outcome == "missing":
-        raise ApiError(404, "no such event")
-    if outcome == "pending":
-        raise ApiError(409, "this event is still pending; it can be retried once it has finished")
+    try:
+        await subs.retry_delivery(runtime, org, delivery_id)
+    except subs.Refused as exc:
+        raise ApiError(exc.status, exc.message) from None
     return success(
         {"jobId": str(delivery_id), "status": "pending"}, "Webhook queued for retry", 202
     )

@@ -6,6 +6,7 @@ to its own status codes (Zettle: 422 for destination/contactEmail, 400 otherwise
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
 import string
@@ -33,6 +34,7 @@ _EMAIL_RE = re.compile(
 EMAIL_MAX = 512
 DESTINATION_MAX = 2048
 WELCOME_PAYLOAD = orjson.dumps({"data": "payload"}).decode()
+TEST_PAYLOAD = orjson.dumps({"test": True}).decode()
 
 
 class FieldError(Exception):
@@ -46,6 +48,19 @@ class FieldError(Exception):
 
 class ScopeError(Exception):
     """The token lacks a scope an event needs."""
+
+
+class Refused(Exception):
+    """An action the state of a webhook or delivery does not allow: 404 or 409."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+ROTATION_OVERLAP_MS = 24 * 3600 * 1000
+DISABLED_MESSAGE = "this webhook is not active; set isActive to true first"
 
 
 def new_signing_key() -> str:
@@ -155,18 +170,66 @@ async def update(
     runtime: Runtime, token: Token, sub_uuid: str, changes: SubscriptionChanges
 ) -> Subscription | None:
     """Apply a partial update, recording the updating token's scopes (for eventNames: [])."""
-    changes = SubscriptionChanges(
-        transport=changes.transport,
-        event_names=changes.event_names,
-        scopes=token.scopes,
-        destination=changes.destination,
-        contact_email=changes.contact_email,
-        status=changes.status,
-    )
-    # The store announces the change: the dispatcher and the closing of pending rows follow it.
-    return await runtime.store.update_subscription(token.organization, sub_uuid, changes)
+    changes = dataclasses.replace(changes, scopes=token.scopes)
+    return await apply_changes(runtime, token.organization, sub_uuid, changes)
+
+
+async def apply_changes(
+    runtime: Runtime, organization: str, sub_uuid: str, changes: SubscriptionChanges
+) -> Subscription | None:
+    """Store a partial update (the console's re-enable comes here too).
+
+    The store announces the change: the dispatcher and the closing of pending rows follow it.
+    """
+    return await runtime.store.update_subscription(organization, sub_uuid, changes)
 
 
 async def delete(runtime: Runtime, organization: str, sub_uuid: str) -> bool:
     """Delete a subscription and cancel its pending deliveries, also those already claimed."""
+    # The store announces the deletion; the runtime closes the pending rows when it hears it.
     return await runtime.store.delete_subscription(organization, sub_uuid)
+
+
+async def retry_delivery(runtime: Runtime, organization: str, delivery_id: int) -> None:
+    """Queue a finished delivery again (a replay when it was delivered); Refused otherwise."""
+    d = await runtime.store.get_delivery(delivery_id, organization)
+    if d is None:
+        raise Refused(404, "no such event")
+    sub = await runtime.store.get_subscription(organization, d.subscription)
+    if sub is not None and sub.status == "DISABLED":
+        raise Refused(409, DISABLED_MESSAGE)
+    # requeue announces deliveries_queued: the dispatcher wakes on the change feed.
+    outcome = await runtime.store.requeue(delivery_id, organization)
+    if outcome == "missing":
+        raise Refused(404, "no such event")
+    if outcome == "pending":
+        raise Refused(409, "this event is still pending; it can be retried once it has finished")
+
+
+async def replay_failed(runtime: Runtime, sub: Subscription, since_ms: int | None) -> int:
+    """Queue a subscription's failed deliveries (created since since_ms) again; how many."""
+    if sub.status == "DISABLED":
+        raise Refused(409, DISABLED_MESSAGE)
+    return await runtime.store.replay(sub.uuid, since_ms, "failed")
+
+
+async def send_test(
+    runtime: Runtime, organization: str, event_name: str, targets: Sequence[Subscription]
+) -> list[tuple[str, int]]:
+    """One test message (payload {"test": true}) to each target: (webhook, delivery id) pairs."""
+    if any(s.status == "DISABLED" for s in targets):
+        raise Refused(409, DISABLED_MESSAGE)
+    event = NewEvent(organization, event_name, TEST_PAYLOAD, None, None)
+    result = await runtime.store.send_to(event, [s.uuid for s in targets])
+    return [(s.uuid, i) for s, i in zip(targets, result.delivery_ids, strict=True)]
+
+
+async def rotate_key(runtime: Runtime, sub: Subscription, secret: str | None = None) -> str:
+    """Make a new signing key current; the old one keeps signing alongside for 24h."""
+    secret = secret or new_signing_key()
+    # The store announces key_rotated; whoever caches the keys follows it.
+    if not await runtime.store.rotate_signing_key(
+        sub.organization, sub.uuid, secret, ROTATION_OVERLAP_MS
+    ):
+        raise Refused(404, "no such webhook")
+    return secret

@@ -12,6 +12,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Protocol
 
 from pusherd.store.changes import ChangeFeed
+from pusherd.store.console import ConsoleStore
 from pusherd.store.types import (
     AttemptRecord,
     BackupSummary,
@@ -206,6 +207,7 @@ class Store(Tokens, Subscriptions, Outbox, DeliveryQueue, Operations, Protocol):
     """Everything a backend provides, and its change feed."""
 
     changes: ChangeFeed  # what writes announce (after commit) to the dispatcher and caches
+    console: ConsoleStore  # the web console's reads and sign-in links (store/console.py)
 
     async def close(self) -> None:
         """Flush and close."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 import sqlite3
 
 from pusherd.store.changes import Change, ChangeFeed
+from pusherd.store.console import ConsoleStore
 from pusherd.store.errors import StoreError
 from pusherd.store.ids import IdSource
 from pusherd.store.sqlite.claims import ClaimStore
+from pusherd.store.sqlite.console import SqliteConsoleStore
 from pusherd.store.sqlite.db import Database
 from pusherd.store.sqlite.deliveries import DeliveryStore
 from pusherd.store.sqlite.events import EventStore
@@ -30,6 +32,7 @@ class SqliteStore(
         self.taker = None
         self._records = []
         self.changes = ChangeFeed()  # in-process on SQLite
+        self.console: ConsoleStore = SqliteConsoleStore(db)
         # Writes of this process forget cached fan-out targets inside the write itself (a later
         # write of the same group commit must not see a stale list); the feed does it for the
         # rest, as it will for changes made by another process on PostgreSQL.

@@ -1,0 +1,131 @@
+"""What the console (SPEC §9) asks of the store: neutral types and the Protocol (`Store.console`).
+
+`organization=None` means every organization (an ADMIN's view); otherwise one organization's rows
+only. Every query is bounded by an index range or a row cap, so a page view costs the same at a
+million deliveries as at a thousand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pusherd.store.types import AttemptRecord, Subscription, Token
+
+# A log page looks at most this many of a subscription's deliveries; the page then offers to
+# search further back ("older") from where it stopped.
+LOG_SCAN_ROWS = 5000
+# Latency percentiles are taken over at most this many of the newest attempts of the window.
+LATENCY_SAMPLE = 5000
+
+
+@dataclass(frozen=True)
+class MinuteCount:
+    minute_ms: int  # start of the bucket (unix ms, a multiple of the bucket length)
+    delivered: int
+    failed: int
+
+
+@dataclass(frozen=True)
+class BucketCount:
+    bucket_ms: int  # start of the bucket
+    subscription: str
+    delivered: int
+    failed: int
+
+
+@dataclass(frozen=True)
+class Latency:
+    attempts: int  # how many attempts the percentiles were taken over
+    p50_ms: float | None
+    p99_ms: float | None
+
+
+@dataclass(frozen=True)
+class Queue:
+    pending: int
+    oldest_pending_age_s: float
+
+
+@dataclass(frozen=True)
+class SubscriptionCounts:
+    delivered: int = 0
+    failed: int = 0
+
+    @property
+    def success_rate(self) -> float | None:
+        """delivered / (delivered + failed) x 100, or None when nothing finished."""
+        done = self.delivered + self.failed
+        return None if done == 0 else round(self.delivered / done * 100, 2)
+
+
+@dataclass(frozen=True)
+class LogFilter:
+    status: str | None = None  # pending | delivered | failed
+    event_name: str | None = None
+    since_ms: int | None = None  # created at or after
+    until_ms: int | None = None  # created at or before
+    before_id: int | None = None  # paging: only ids below this
+
+
+@dataclass(frozen=True)
+class LogRow:
+    id: int
+    event_name: str
+    status: str
+    attempts: int
+    created_ms: int
+    finished_ms: int | None
+    last_status_code: int | None
+    last_error: str | None
+    due_ms: int | None
+
+
+@dataclass(frozen=True)
+class LogPage:
+    rows: tuple[LogRow, ...]
+    # where the next (older) page starts, None on the last page
+    next_before_id: int | None
+
+
+@dataclass(frozen=True)
+class DeliveryDetail:
+    """One delivery with its event, its subscription and every attempt."""
+
+    row: LogRow
+    subscription: str
+    organization: str
+    destination: str
+    message_uuid: str
+    message_id: str
+    payload: str
+    timestamp: str
+    signing_keys: tuple[str, ...] = field(repr=False)  # only to rebuild signatures; never shown
+    attempt_log: tuple[AttemptRecord, ...] = ()
+
+
+@dataclass(frozen=True)
+class LinkState:
+    organization: str
+    expires_ms: int
+    used_ms: int | None
+
+
+class ConsoleStore(Protocol):
+    """The console's reads, and its one-time sign-in links."""
+
+    async def token_by_id(self, token_id: str) -> Token | None: ...
+    async def subscriptions(self, organization: str | None) -> list[Subscription]: ...
+    async def subscription(self, organization: str | None, uuid: str) -> Subscription | None: ...
+    async def latency(self, organization: str | None, since_ms: int) -> Latency: ...
+    async def queue(self, organization: str | None) -> Queue: ...
+    async def finished_counts(
+        self, since_ms: int, until_ms: int, bucket_ms: int
+    ) -> list[BucketCount]: ...
+    async def log_page(self, subscription: str, flt: LogFilter, limit: int) -> LogPage: ...
+    async def delivery(
+        self, organization: str | None, delivery_id: int
+    ) -> DeliveryDetail | None: ...
+    async def create_link(self, organization: str, expires_ms: int) -> str: ...
+    async def link_state(self, secret: str) -> LinkState | None: ...
+    async def redeem_link(self, secret: str) -> str | None: ...
