@@ -120,7 +120,7 @@ class PgServer:
         return subprocess.Popen(args, **kwargs)
 
     def start(self) -> None:
-        """initdb, then start the postmaster and wait until it accepts connections."""
+        """initdb, start the postmaster, wait until it accepts connections, make the template."""
         if self.run_as is not None:
             entry = pwd.getpwnam(self.run_as)
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
@@ -145,6 +145,11 @@ class PgServer:
         out, _ = initdb.communicate(timeout=START_TIMEOUT_S)
         if initdb.returncode != 0:
             raise RuntimeError(f"initdb failed: {out.decode(errors='replace')}")
+        self.run()
+        self.psql("postgres", f"CREATE DATABASE {TEMPLATE}")
+
+    def run(self) -> None:
+        """Start the postmaster on the existing cluster; return once it accepts connections."""
         log = open(self.log_file, "ab")  # noqa: SIM115 - the server writes it until stopped
         try:
             self.process = self._run(
@@ -190,7 +195,12 @@ class PgServer:
                 self.stop()
                 raise RuntimeError(f"postgres did not accept connections:\n{self.log_tail()}")
             time.sleep(0.05)  # polling the server's readiness, not synchronising a test
-        self.psql("postgres", f"CREATE DATABASE {TEMPLATE}")
+
+    def restart(self, mode: str = "fast") -> None:
+        """Stop (see stop) and start again on the same port; blocking, so from async tests
+        call it through asyncio.to_thread."""
+        self.stop(mode)
+        self.run()
 
     def log_tail(self, lines: int = 30) -> str:
         """The end of the server log (for failure messages)."""
@@ -241,14 +251,15 @@ class PgServer:
         """Drop name, closing whatever connections a test left open to it."""
         self.psql("postgres", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
-    def stop(self) -> None:
-        """Fast shutdown (SIGINT: roll back sessions, checkpoint, exit); kill if it hangs."""
+    def stop(self, mode: str = "fast") -> None:
+        """Shut down: "fast" (SIGINT: end sessions, checkpoint) or "immediate" (SIGQUIT: no
+        checkpoint, crash recovery at the next start, as after a power loss); kill if it hangs."""
         proc = self.process
         if proc is None:
             return
         self.process = None
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGQUIT if mode == "immediate" else signal.SIGINT)
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
