@@ -117,3 +117,140 @@ CREATE TABLE rate_windows (
     hits          integer NOT NULL,
     PRIMARY KEY (organization, window_s, start_ms)
 );
+
+-- The claim, in one round trip: lease up to p_budget due deliveries, oldest due first, at most
+-- the caller's room per origin and, across every process together, at most p_per_destination
+-- live leases per origin.
+--
+-- First each origin with due work gets its allowance. Admission to an origin is serialized by a
+-- transaction-scoped advisory lock on it, then its live leases are counted — in a statement of
+-- their own, so that the count's snapshot is taken after the lock is held (in one statement it
+-- would be taken first, and miss leases committed while this transaction waited). Then the due
+-- queues are taken in due order, each for at most its origin's allowance and a fair share of the
+-- budget, and each for its own rows in due order. Nothing here waits for a lock: an origin that
+-- another process is admitting to right now is skipped, and so are queue and delivery rows
+-- locked by another claim (SKIP LOCKED); both are reported as `more`. Holding a subscription's
+-- queue row while claiming its deliveries keeps its rows in order across processes. Every
+-- claimed row gets a new fencing token, and its due_ms moves to the lease's end: if this
+-- process dies, its rows fall due again then and any other process takes them over.
+--
+-- Returns the claimed rows with what an attempt needs, ordered by id, then one summary row
+-- (id NULL) carrying `more` (due work was left for lack of room, budget or a busy origin: claim
+-- again) and next_due_ms (the earliest due time after p_now of any queue; NULL: none).
+CREATE FUNCTION pusherd_claim(
+    p_owner text,
+    p_room_origins text[],      -- origins the caller has a room for ...
+    p_room_counts integer[],    -- ... and how many more attempts it may start to each
+    p_default_room integer,     -- its room for any other origin
+    p_budget integer,           -- at most this many in all (the process's free slots)
+    p_per_destination integer,  -- live leases per origin, all processes together
+    p_now bigint,
+    p_lease_ms bigint
+) RETURNS TABLE (
+    id bigint, lease_token bigint, subscription text, attempts integer, schedule_pos integer,
+    organization text, message_uuid text, event_name text, message_id text, payload text,
+    "timestamp" text, destination text, signing_key text, prev_signing_key text,
+    prev_key_until_ms bigint, more boolean, next_due_ms bigint
+) LANGUAGE plpgsql AS $$
+DECLARE
+    v_scan integer := greatest(p_budget, 0) + 16;  -- due queues read per claim
+    v_origin text;
+    v_sub text;
+    v_live integer;
+    v_allow integer;
+    v_origins text[] := '{}';
+    v_allows integer[] := '{}';
+    v_i integer;
+    v_queues integer;
+    v_share integer;
+    v_left integer;
+    v_more boolean := false;
+    v_ids bigint[] := '{}';
+    v_got bigint[];
+BEGIN
+    -- A lease that is lost in a crash only makes its row due again: no fsync to wait for.
+    PERFORM set_config('synchronous_commit', 'off', true);
+    IF p_budget <= 0 THEN
+        v_scan := 0;
+    END IF;
+    FOR v_origin IN
+        SELECT DISTINCT due.origin FROM (
+            SELECT q.origin FROM queues q WHERE q.next_due_ms <= p_now
+            ORDER BY q.next_due_ms LIMIT v_scan
+        ) due ORDER BY due.origin  -- one order for every process's locks
+    LOOP
+        v_allow := coalesce(
+            p_room_counts[array_position(p_room_origins, v_origin)], p_default_room);
+        CONTINUE WHEN v_allow <= 0;
+        IF NOT pg_try_advisory_xact_lock(hashtextextended('pusherd.origin:' || v_origin, 0)) THEN
+            v_more := true;
+            CONTINUE;
+        END IF;
+        SELECT count(*) INTO v_live FROM deliveries d
+        WHERE d.origin = v_origin AND d.status = 'pending' AND d.lease_owner IS NOT NULL
+            AND d.lease_until_ms > p_now;
+        v_allow := least(v_allow, p_per_destination - v_live);
+        IF v_allow > 0 THEN
+            v_origins := v_origins || v_origin;
+            v_allows := v_allows || v_allow;
+        END IF;
+    END LOOP;
+    SELECT count(*) INTO v_queues FROM (
+        SELECT 1 FROM queues q WHERE q.next_due_ms <= p_now AND q.origin = ANY(v_origins)
+        LIMIT v_scan
+    ) due;
+    v_share := greatest(1, ceil(p_budget::numeric / greatest(v_queues, 1)));
+    FOR v_sub, v_origin IN
+        SELECT q.subscription, q.origin FROM queues q
+        WHERE q.next_due_ms <= p_now AND q.origin = ANY(v_origins)
+        ORDER BY q.next_due_ms LIMIT v_scan
+        FOR UPDATE SKIP LOCKED
+    LOOP
+        v_i := array_position(v_origins, v_origin);
+        v_left := least(v_allows[v_i], p_budget, v_share);
+        IF v_left <= 0 THEN
+            v_more := true;
+            CONTINUE;
+        END IF;
+        WITH taken AS (
+            UPDATE deliveries d
+            SET lease_owner = p_owner, lease_token = nextval('lease_tokens'),
+                lease_until_ms = p_now + p_lease_ms, due_ms = p_now + p_lease_ms
+            WHERE d.id IN (
+                SELECT d2.id FROM deliveries d2
+                WHERE d2.subscription = v_sub AND d2.status = 'pending' AND d2.due_ms <= p_now
+                ORDER BY d2.due_ms, d2.id LIMIT v_left
+                FOR UPDATE SKIP LOCKED
+            )
+            RETURNING d.id
+        )
+        SELECT array_agg(taken.id) INTO v_got FROM taken;
+        IF coalesce(cardinality(v_got), 0) >= v_left THEN
+            v_more := true;  -- it may have more due
+        END IF;
+        IF v_got IS NOT NULL THEN
+            v_ids := v_ids || v_got;
+            v_allows[v_i] := v_allows[v_i] - cardinality(v_got);
+            p_budget := p_budget - cardinality(v_got);
+        END IF;
+        UPDATE queues q SET next_due_ms = (
+            SELECT min(d.due_ms) FROM deliveries d
+            WHERE d.subscription = v_sub AND d.status = 'pending'
+        ) WHERE q.subscription = v_sub;
+    END LOOP;
+    IF v_queues >= v_scan AND v_scan > 0 THEN
+        v_more := true;  -- more due queues than were read
+    END IF;
+    RETURN QUERY
+        SELECT d.id, d.lease_token, d.subscription, d.attempts, d.schedule_pos, e.organization,
+            e.uuid, e.event_name, e.message_id, e.payload, e.timestamp, s.destination,
+            s.signing_key, s.prev_signing_key, s.prev_key_until_ms, NULL::boolean, NULL::bigint
+        FROM deliveries d JOIN events e ON e.seq = d.event_seq
+        JOIN subscriptions s ON s.uuid = d.subscription
+        WHERE d.id = ANY(v_ids) ORDER BY d.id;
+    RETURN QUERY
+        SELECT NULL::bigint, NULL::bigint, NULL, NULL::integer, NULL::integer, NULL, NULL, NULL,
+            NULL, NULL, NULL, NULL, NULL, NULL, NULL::bigint, v_more,
+            (SELECT min(q.next_due_ms) FROM queues q WHERE q.next_due_ms > p_now);
+END
+$$;
