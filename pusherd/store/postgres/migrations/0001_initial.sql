@@ -254,3 +254,45 @@ BEGIN
             (SELECT min(q.next_due_ms) FROM queues q WHERE q.next_due_ms > p_now);
 END
 $$;
+
+-- One request against an organization's rate limits (SPEC §4), shared by every process: the
+-- minute and hour windows are locked in that order (the same for everyone), a request is
+-- counted only if both have room, and the answer carries what the Ratelimit headers need. A
+-- count lost in a crash only forgives a request or two: no fsync to wait for.
+CREATE FUNCTION pusherd_rate_hit(
+    p_org text, p_now bigint, p_per_minute integer, p_per_hour integer
+) RETURNS TABLE (
+    allowed boolean, minute_hits integer, minute_start_ms bigint,
+    hour_hits integer, hour_start_ms bigint
+) LANGUAGE plpgsql AS $$
+DECLARE
+    v_minute bigint := p_now - p_now % 60000;
+    v_hour bigint := p_now - p_now % 3600000;
+    v_m integer;
+    v_h integer;
+    v_ok boolean;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    INSERT INTO rate_windows (organization, window_s, start_ms, hits)
+    VALUES (p_org, 60, v_minute, 0), (p_org, 3600, v_hour, 0)
+    ON CONFLICT DO NOTHING;
+    SELECT w.hits INTO v_m FROM rate_windows w
+    WHERE w.organization = p_org AND w.window_s = 60 AND w.start_ms = v_minute FOR UPDATE;
+    SELECT w.hits INTO v_h FROM rate_windows w
+    WHERE w.organization = p_org AND w.window_s = 3600 AND w.start_ms = v_hour FOR UPDATE;
+    v_ok := v_m < p_per_minute AND v_h < p_per_hour;
+    IF v_ok THEN
+        UPDATE rate_windows w SET hits = w.hits + 1
+        WHERE w.organization = p_org
+            AND ((w.window_s = 60 AND w.start_ms = v_minute)
+                OR (w.window_s = 3600 AND w.start_ms = v_hour));
+        v_m := v_m + 1;
+        v_h := v_h + 1;
+    END IF;
+    -- Windows that have ended are of no use: each organization sweeps its own.
+    DELETE FROM rate_windows w
+    WHERE w.organization = p_org AND w.start_ms < v_minute
+        AND (w.window_s = 60 OR w.start_ms < v_hour);
+    RETURN QUERY SELECT v_ok, v_m, v_minute, v_h, v_hour;
+END
+$$;
