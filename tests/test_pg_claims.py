@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from pusherd.store.postgres.claims import Claimed, Outcome, claim, finish
+from pusherd.store.postgres.claims import Claimed, Outcome, claim, finish, finish_many
 from pusherd.store.postgres.migrate import migrate
 
 ORG = "5a0b9c1e-1d2f-4a3b-8c4d-111111111111"
@@ -192,3 +192,32 @@ async def test_a_claim_never_waits_for_another_claim(db: asyncpg.Pool, pg_url: s
     finally:
         await other.close()
         await mine.close()
+
+
+async def test_many_outcomes_in_one_statement_each_fenced(db: asyncpg.Pool) -> None:
+    a = await seed(db, "sub-a", "https://a:443", [1, 2, 3])
+    b = await seed(db, "sub-b", "https://b:443", [1])
+    rows = {r["id"]: r["lease_token"] for r in (await take(db)).rows}
+    assert set(rows) == {*a, *b}
+    retry = Outcome("pending", 1, 7_000, 1_000, 1.0, 503, None)
+    done = await finish_many(
+        db,
+        [
+            (a[0], rows[a[0]], delivered(1_000)),
+            (a[1], rows[a[1]], retry),
+            (a[2], rows[a[2]] + 1_000, delivered(1_000)),  # a token that is not the lease's
+            (b[0], rows[b[0]], Outcome("failed", 0, None, 1_000, 1.0, 410, None)),
+        ],
+    )
+    assert done == {a[0], a[1], b[0]}
+    states = await db.fetch("SELECT id, status, lease_owner IS NULL FROM deliveries ORDER BY id")
+    assert [tuple(r) for r in states] == [
+        (a[0], "delivered", True),
+        (a[1], "pending", True),
+        (a[2], "pending", False),  # still leased: its holder has not reported yet
+        (b[0], "failed", True),
+    ]
+    assert await db.fetchval("SELECT count(*) FROM attempts") == 3
+    queues = dict(await db.fetch("SELECT subscription, next_due_ms FROM queues"))
+    # sub-a: the retry at 7,000 comes before the leased row's lease end (31,000).
+    assert queues == {"sub-a": 7_000, "sub-b": None}

@@ -59,15 +59,17 @@ async def claim(
     return Claimed(rows[:-1], bool(summary["more"]), None if next_due is None else int(next_due))
 
 
-# Only the holder of the current lease moves the row on; a stale owner's statement finds no row
-# (`done` is empty) and writes nothing, not even an attempt the new owner's outcome supersedes.
-# All parts see one snapshot, in which the row is still leased: the queue's next due time is
-# taken over the subscription's other pending rows, and this row's own retry time.
+# Many outcomes in one statement (a group commit of the record path: one fsync for all). Only
+# the holder of the current lease moves a row on; a stale owner's row is not in `done` and
+# nothing is written for it, not even an attempt the new owner's outcome supersedes. All parts
+# see one snapshot, in which the rows are still leased: a queue's next due time is taken over
+# the subscription's rows not finished here, and the retry times of those that are. Queue rows
+# are locked in subscription order first, so that two concurrent finishes cannot deadlock.
 _FINISH = """
 WITH args AS (
-    SELECT $1::bigint AS id, $2::bigint AS token, $3::text AS status, $4::integer AS pos,
-        $5::bigint AS next_ms, $6::bigint AS at_ms, $7::integer AS code, $8::text AS error,
-        $9::double precision AS duration_ms, $10::text AS body
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::integer[], $5::bigint[],
+        $6::bigint[], $7::integer[], $8::text[], $9::double precision[], $10::text[])
+        AS a(id, token, status, pos, next_ms, at_ms, code, error, duration_ms, body)
 ), done AS (
     UPDATE deliveries d SET status = a.status, attempts = d.attempts + 1, schedule_pos = a.pos,
         due_ms = coalesce(a.next_ms, d.due_ms),
@@ -76,19 +78,26 @@ WITH args AS (
         lease_owner = NULL, lease_token = NULL, lease_until_ms = NULL
     FROM args a
     WHERE d.id = a.id AND d.lease_token = a.token AND d.status = 'pending'
-    RETURNING d.id, d.subscription
+    RETURNING d.id, d.subscription, a.status, a.next_ms
 ), logged AS (
     INSERT INTO attempts (delivery_id, started_ms, duration_ms, status_code, error, response_body)
-    SELECT done.id, a.at_ms, a.duration_ms, a.code, a.error, a.body FROM done, args a
+    SELECT a.id, a.at_ms, a.duration_ms, a.code, a.error, a.body
+    FROM args a JOIN done ON done.id = a.id
+), locked AS (
+    SELECT q.subscription FROM queues q
+    WHERE q.subscription IN (SELECT subscription FROM done)
+    ORDER BY q.subscription FOR UPDATE
 ), queued AS (
     UPDATE queues q SET next_due_ms = least(
-        (SELECT min(d.due_ms) FROM deliveries d, args a
-         WHERE d.subscription = q.subscription AND d.status = 'pending' AND d.id <> a.id),
-        (SELECT a.next_ms FROM args a WHERE a.status = 'pending')
+        (SELECT min(d.due_ms) FROM deliveries d
+         WHERE d.subscription = q.subscription AND d.status = 'pending'
+            AND d.id NOT IN (SELECT id FROM done)),
+        (SELECT min(done.next_ms) FROM done
+         WHERE done.subscription = q.subscription AND done.status = 'pending')
     )
-    WHERE q.subscription IN (SELECT subscription FROM done)
+    FROM locked l WHERE q.subscription = l.subscription
 )
-SELECT count(*) FROM done
+SELECT id FROM done
 """
 
 
@@ -106,18 +115,30 @@ class Outcome:
     response_body: str = ""
 
 
+async def finish_many(db: Executor, outcomes: Sequence[tuple[int, int, Outcome]]) -> set[int]:
+    """Record attempts of (delivery id, lease token, outcome) in one statement; the ids whose
+    lease was still held (the others changed nothing)."""
+    if not outcomes:
+        return set()
+    columns: list[list[Any]] = [[] for _ in range(10)]
+    for delivery_id, token, o in outcomes:
+        values = (
+            delivery_id,
+            token,
+            o.status,
+            o.schedule_pos,
+            o.next_attempt_ms,
+            o.started_ms,
+            o.status_code,
+            o.error,
+            o.duration_ms,
+            o.response_body,
+        )
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    return {int(r[0]) for r in await db.fetch(_FINISH, *columns)}
+
+
 async def finish(db: Executor, delivery_id: int, lease_token: int, outcome: Outcome) -> bool:
-    """Record an attempt under lease_token; False (nothing changed) if the lease was lost."""
-    params: Sequence[Any] = (
-        delivery_id,
-        lease_token,
-        outcome.status,
-        outcome.schedule_pos,
-        outcome.next_attempt_ms,
-        outcome.started_ms,
-        outcome.status_code,
-        outcome.error,
-        outcome.duration_ms,
-        outcome.response_body,
-    )
-    return bool(await db.fetchval(_FINISH, *params))
+    """Record one attempt under lease_token; False (nothing changed) if the lease was lost."""
+    return bool(await finish_many(db, [(delivery_id, lease_token, outcome)]))
