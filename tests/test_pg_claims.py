@@ -221,3 +221,13 @@ async def test_many_outcomes_in_one_statement_each_fenced(db: asyncpg.Pool) -> N
     queues = dict(await db.fetch("SELECT subscription, next_due_ms FROM queues"))
     # sub-a: the retry at 7,000 comes before the leased row's lease end (31,000).
     assert queues == {"sub-a": 7_000, "sub-b": None}
+
+
+async def test_without_a_time_the_database_clock_decides(db: asyncpg.Pool) -> None:
+    [row_id] = await seed(db, "sub-a", "https://a:443", [1])
+    before = int(await db.fetchval("SELECT extract(epoch FROM clock_timestamp()) * 1000"))
+    got = await claim(db, "p1", {}, 8, 8, 8, None, LEASE_MS)
+    after = int(await db.fetchval("SELECT extract(epoch FROM clock_timestamp()) * 1000"))
+    assert [r["id"] for r in got.rows] == [row_id]
+    until = await db.fetchval("SELECT lease_until_ms FROM deliveries")
+    assert before + LEASE_MS <= until <= after + LEASE_MS

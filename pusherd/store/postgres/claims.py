@@ -38,10 +38,11 @@ async def claim(
     default_room: int,
     budget: int,
     per_destination: int,
-    now_ms: int,
+    now_ms: int | None,
     lease_ms: int,
 ) -> Claimed:
-    """Lease due deliveries (see pusherd_claim) in one round trip."""
+    """Lease due deliveries (see pusherd_claim) in one round trip; now_ms None: by the
+    database's clock, which every process shares (what a deployment on several machines uses)."""
     origins = list(room)
     rows = await db.fetch(
         _CLAIM,

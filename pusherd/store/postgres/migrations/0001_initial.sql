@@ -144,7 +144,7 @@ CREATE FUNCTION pusherd_claim(
     p_default_room integer,     -- its room for any other origin
     p_budget integer,           -- at most this many in all (the process's free slots)
     p_per_destination integer,  -- live leases per origin, all processes together
-    p_now bigint,
+    p_now bigint,               -- NULL: the database's clock (see below)
     p_lease_ms bigint
 ) RETURNS TABLE (
     id bigint, lease_token bigint, subscription text, attempts integer, schedule_pos integer,
@@ -170,6 +170,9 @@ DECLARE
 BEGIN
     -- A lease that is lost in a crash only makes its row due again: no fsync to wait for.
     PERFORM set_config('synchronous_commit', 'off', true);
+    -- Processes on several machines judge each other's leases by one clock, the database's:
+    -- a machine whose clock runs ahead would otherwise take rows over before their lease ends.
+    p_now := coalesce(p_now, (extract(epoch FROM clock_timestamp()) * 1000)::bigint);
     IF p_budget <= 0 THEN
         v_scan := 0;
     END IF;
