@@ -131,8 +131,9 @@ async def test_per_destination_holds_across_concurrent_claimers(db: asyncpg.Pool
         )
         claimed += [r for g in got for r in g.rows]
         assert await live_leases(db, origin, now) <= 3
-        for row in [r for g in got for r in g.rows][:2]:  # some attempts finish
-            assert await finish(db, row["id"], row["lease_token"], delivered(now))
+        held = [(f"p{k}", r) for k, g in enumerate(got) for r in g.rows]
+        for owner, row in held[:2]:  # some attempts finish
+            assert await finish(db, owner, row["id"], row["lease_token"], delivered(now))
     assert len(claimed) >= 20  # the work did go on
     assert len({r["id"] for r in claimed}) == len(claimed)  # no row leased twice at once
 
@@ -148,11 +149,13 @@ async def test_a_lost_lease_is_taken_over_and_the_old_owner_cannot_record(
     assert new["id"] == row_id and new["lease_token"] != old["lease_token"]
     # The old owner comes back (paused, partitioned) and reports a failure: nothing changes.
     late = Outcome("failed", 0, None, 50_000, 1.0, 500, "late")
-    assert not await finish(db, row_id, old["lease_token"], late)
+    assert not await finish(db, "dead", row_id, old["lease_token"], late)
+    # Nor with the new lease's token (should a token ever be handed out twice).
+    assert not await finish(db, "dead", row_id, new["lease_token"], late)
     state = await db.fetchrow("SELECT status, lease_owner, attempts FROM deliveries")
     assert tuple(state) == ("pending", "alive", 0)
     assert await db.fetchval("SELECT count(*) FROM attempts") == 0
-    assert await finish(db, row_id, new["lease_token"], delivered(40_000))
+    assert await finish(db, "alive", row_id, new["lease_token"], delivered(40_000))
     state = await db.fetchrow("SELECT status, lease_owner, attempts FROM deliveries")
     assert tuple(state) == ("delivered", None, 1)
     assert await db.fetchval("SELECT next_due_ms FROM queues") is None
@@ -162,7 +165,7 @@ async def test_a_retry_keeps_the_queue_due_at_its_next_attempt(db: asyncpg.Pool)
     await seed(db, "sub-a", "https://a:443", [1])
     row = (await take(db)).rows[0]
     retry = Outcome("pending", 1, 5_000, 1_000, 1.0, 503, None)
-    assert await finish(db, row["id"], row["lease_token"], retry)
+    assert await finish(db, "p1", row["id"], row["lease_token"], retry)
     assert await db.fetchval("SELECT next_due_ms FROM queues") == 5_000
     assert (await take(db, now_ms=4_999)).rows == []
     assert [r["id"] for r in (await take(db, now_ms=5_000)).rows] == [row["id"]]
@@ -202,6 +205,7 @@ async def test_many_outcomes_in_one_statement_each_fenced(db: asyncpg.Pool) -> N
     retry = Outcome("pending", 1, 7_000, 1_000, 1.0, 503, None)
     done = await finish_many(
         db,
+        "p1",
         [
             (a[0], rows[a[0]], delivered(1_000)),
             (a[1], rows[a[1]], retry),

@@ -61,7 +61,8 @@ async def claim(
 
 
 # Many outcomes in one statement (a group commit of the record path: one fsync for all). Only
-# the holder of the current lease moves a row on; a stale owner's row is not in `done` and
+# the holder of the current lease (its owner AND its token: should a database crash ever hand a
+# token out twice, the owner still differs) moves a row on; a stale owner's row is not in `done` and
 # nothing is written for it, not even an attempt the new owner's outcome supersedes. All parts
 # see one snapshot, in which the rows are still leased: a queue's next due time is taken over
 # the subscription's rows not finished here, and the retry times of those that are. Queue rows
@@ -78,7 +79,8 @@ WITH args AS (
         last_attempt_ms = a.at_ms, last_status_code = a.code, last_error = a.error,
         lease_owner = NULL, lease_token = NULL, lease_until_ms = NULL
     FROM args a
-    WHERE d.id = a.id AND d.lease_token = a.token AND d.status = 'pending'
+    WHERE d.id = a.id AND d.lease_token = a.token AND d.lease_owner = $11
+        AND d.status = 'pending'
     RETURNING d.id, d.subscription, a.status, a.next_ms
 ), logged AS (
     INSERT INTO attempts (delivery_id, started_ms, duration_ms, status_code, error, response_body)
@@ -116,9 +118,11 @@ class Outcome:
     response_body: str = ""
 
 
-async def finish_many(db: Executor, outcomes: Sequence[tuple[int, int, Outcome]]) -> set[int]:
-    """Record attempts of (delivery id, lease token, outcome) in one statement; the ids whose
-    lease was still held (the others changed nothing)."""
+async def finish_many(
+    db: Executor, owner: str, outcomes: Sequence[tuple[int, int, Outcome]]
+) -> set[int]:
+    """Record owner's attempts, (delivery id, lease token, outcome), in one statement; the ids
+    whose lease it still held (the others changed nothing)."""
     if not outcomes:
         return set()
     columns: list[list[Any]] = [[] for _ in range(10)]
@@ -137,9 +141,11 @@ async def finish_many(db: Executor, outcomes: Sequence[tuple[int, int, Outcome]]
         )
         for column, value in zip(columns, values, strict=True):
             column.append(value)
-    return {int(r[0]) for r in await db.fetch(_FINISH, *columns)}
+    return {int(r[0]) for r in await db.fetch(_FINISH, *columns, owner)}
 
 
-async def finish(db: Executor, delivery_id: int, lease_token: int, outcome: Outcome) -> bool:
-    """Record one attempt under lease_token; False (nothing changed) if the lease was lost."""
-    return bool(await finish_many(db, [(delivery_id, lease_token, outcome)]))
+async def finish(
+    db: Executor, owner: str, delivery_id: int, lease_token: int, outcome: Outcome
+) -> bool:
+    """Record one attempt under its lease; False (nothing changed) if the lease was lost."""
+    return bool(await finish_many(db, owner, [(delivery_id, lease_token, outcome)]))
