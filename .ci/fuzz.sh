@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fuzz every operation of pusherd/openapi.json against a live `pusherd serve` with schemathesis.
+# Fuzz every operation of the served OpenAPI document (every path form of it too) against a live
+# `pusherd serve` with schemathesis.
 # Fails on any 5xx, any status/content type/body that the document does not describe, or a daemon
 # that stops answering /healthz. Usage: .ci/fuzz.sh [MAX_EXAMPLES]  (needs pusherd, schemathesis and
 # curl on PATH; FUZZ_SEED picks another seed). schemathesis runs in a temp dir: no cache in the repo.
@@ -108,13 +109,14 @@ echo "fuzz: API listener (Zettle + PayStell + service routes), $max_examples exa
 (cd "$work" && schemathesis --no-color --config-file "$work/schemathesis.toml" run "http://127.0.0.1:$api_port/openapi.json" \
     --url "http://127.0.0.1:$api_port" \
     --header "Authorization: Bearer $token" \
-    --exclude-path /events --exclude-path /metrics \
+    --exclude-path /events --exclude-path /events/ --exclude-path /metrics --exclude-path /metrics/ \
     "${common[@]}") || status=1
 
 echo "fuzz: ingest listener"
 (cd "$work" && schemathesis --no-color --config-file "$work/schemathesis.toml" run "http://127.0.0.1:$api_port/openapi.json" \
     --url "http://127.0.0.1:$ingest_port" \
     --include-path /events --include-path /metrics --include-path /healthz \
+    --include-path /events/ --include-path /metrics/ --include-path /healthz/ \
     "${common[@]}") || status=1
 
 if ! healthy; then

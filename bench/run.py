@@ -40,6 +40,13 @@ How each figure is taken (SPEC §7):
   go to a healthy port and to a port that accepts and never answers (a fresh one per run, so its
   attempts hang until delivery.timeout = 10s rather than meeting an already open circuit). The
   healthy port's drain rate with the hanging sibling, over its solo rate, measured as deliver_rps.
+- isolation_50_ratio: a daemon with delivery.timeout = 5s and the default max_in_flight (256) and
+  per_destination (8). One organization's events go to a healthy receiver port; its drain rate
+  (as deliver_rps, ISOLATION_50_N events) is taken alone, then again right after another
+  organization has subscribed 50 origins that accept connections and never answer (50 fresh ports
+  of a second receiver process, so no circuit is open yet) and queued a backlog of 100 events for
+  each of them. Without isolation those 50 origins take 400 attempt slots. Runs alternate solo /
+  with-50; the 50 subscriptions are deleted after each run. Ratio of the medians.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -87,6 +95,7 @@ KEYS = (
     "backlog_rss_mb",
     "backlog_drain_ratio",
     "isolation_ratio",
+    "isolation_50_ratio",
 )
 # key -> (comparison, target)
 TARGETS: dict[str, tuple[str, float]] = {
@@ -98,7 +107,10 @@ TARGETS: dict[str, tuple[str, float]] = {
     "backlog_rss_mb": ("<=", 150.0),
     "backlog_drain_ratio": (">=", 0.8),
     "isolation_ratio": (">=", 0.9),
+    "isolation_50_ratio": (">=", 0.9),
 }
+DEAD_ORIGINS = 50
+DEAD_BACKLOG = 100  # events queued to each never-answering origin before a with-50 run
 
 
 def say(msg: str) -> None:
@@ -196,13 +208,22 @@ def wait_until(cond: Callable[[], bool], timeout_s: float, what: str, step: floa
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (each held until all are chosen: no port twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
 class Receiver:
     """A receiver process (bench/receiver.py) with its control port."""
 
     def __init__(self, procs: Procs, ports: int = 1, hang_ports: int = 0) -> None:
-        self.ports = [free_port() for _ in range(ports)]
-        self.hang_ports = [free_port() for _ in range(hang_ports)]
-        self.control = free_port()
+        chosen = free_ports(ports + hang_ports + 1)
+        self.ports, self.hang_ports = chosen[:ports], chosen[ports:-1]
+        self.control = chosen[-1]
         args = [PY, str(HERE / "receiver.py"), "--control-port", str(self.control)]
         args += [a for p in self.ports for a in ("--port", str(p))]
         args += [a for p in self.hang_ports for a in ("--hang-port", str(p))]
@@ -702,6 +723,38 @@ def phase_isolation(s: Settings, procs: Procs, workdir: Path, res: Results) -> N
         procs.stop(hang.proc)
 
 
+def phase_isolation_50(s: Settings, procs: Procs, workdir: Path, res: Results) -> None:
+    """A healthy origin's drain rate alone and next to 50 origins that never answer."""
+    recv = Receiver(procs, ports=1)
+    port = recv.ports[0]
+    dead = Receiver(procs, ports=0, hang_ports=DEAD_ORIGINS * s.runs)
+    say("isolation_50: starting pusherd")
+    daemon = Daemon(procs, workdir, "isolation50", {"timeout": "5s", "lease": "600s"})
+    try:
+        org, dead_org = str(uuid.uuid4()), str(uuid.uuid4())
+        token, dead_token = daemon.token(org), daemon.token(dead_org)
+        daemon.subscribe(token, recv.url(port))
+        n = s.isolation_n
+        for i in range(s.runs):
+            solo = drain_run(daemon, recv, port, org, n, f"solo50-{i}", 120)
+            ports = dead.hang_ports[i * DEAD_ORIGINS : (i + 1) * DEAD_ORIGINS]
+            subs = [daemon.subscribe(dead_token, f"http://127.0.0.1:{p}/hang") for p in ports]
+            fill(daemon.events_url, dead_org, DEAD_BACKLOG, f"dead{i}", batch=DEAD_BACKLOG, conc=1)
+            with_dead = drain_run(daemon, recv, port, org, n, f"iso50-{i}", 120)
+            for sub in subs:
+                daemon.unsubscribe(dead_token, sub)
+            res.add("isolation_50_solo_rps", solo)
+            res.add("isolation_50_rps", with_dead)
+            say(
+                f"isolation_50 run {i + 1}: solo {solo:.0f}/s,"
+                f" next to {DEAD_ORIGINS} silent origins {with_dead:.0f}/s"
+            )
+    finally:
+        daemon.stop()
+        procs.stop(recv.proc)
+        procs.stop(dead.proc)
+
+
 def pct(sorted_values: list[float], p: float) -> float:
     """Nearest-rank percentile of a sorted list."""
     if not sorted_values:
@@ -714,7 +767,7 @@ def pct(sorted_values: list[float], p: float) -> float:
 
 
 def figures(res: Results) -> dict[str, float]:
-    """The fourteen figures: medians of runs, ratios of medians."""
+    """The figures of KEYS: medians of runs, ratios of medians."""
     m = res.med
     out = {
         "ingest_rps": m("ingest_rps"),
@@ -732,6 +785,7 @@ def figures(res: Results) -> dict[str, float]:
     out["deliver_ratio"] = out["deliver_rps"] / out["deliver_baseline_rps"]
     out["backlog_drain_ratio"] = m("backlog_window_rps") / out["deliver_rps"]
     out["isolation_ratio"] = m("isolation_hang_rps") / m("isolation_solo_rps")
+    out["isolation_50_ratio"] = m("isolation_50_rps") / m("isolation_50_solo_rps")
     return {k: round(out[k], 3) for k in KEYS}
 
 
@@ -767,6 +821,9 @@ def table(fig: dict[str, float], res: Results, s: Settings, elapsed: float) -> s
         "isolation solo / with hanging origin": (
             f"{res.med('isolation_solo_rps'):.0f}/s / {res.med('isolation_hang_rps'):.0f}/s"
         ),
+        f"isolation solo / next to {DEAD_ORIGINS} silent origins": (
+            f"{res.med('isolation_50_solo_rps'):.0f}/s / {res.med('isolation_50_rps'):.0f}/s"
+        ),
         **{k.replace("_", " "): v for k, v in res.notes.items()},
     }
     lines.append("")
@@ -788,12 +845,14 @@ def workspace() -> Iterator[Path]:
 def main() -> int:
     """Run every phase and print the table (stderr with --json) and the figures."""
     p = argparse.ArgumentParser(description="pusherd benchmark (see the module docstring)")
-    p.add_argument("--quick", action="store_true", help="smaller backlog and shorter runs (<2 min)")
+    p.add_argument(
+        "--quick", action="store_true", help="smaller backlog and shorter runs (~2.5 min)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object with the figures")
     p.add_argument("--runs", type=int, help="runs per figure (at least 3)")
     p.add_argument(
         "--only",
-        choices=["intake", "delivery", "isolation"],
+        choices=["intake", "delivery", "isolation", "isolation50"],
         action="append",
         help=argparse.SUPPRESS,
     )
@@ -804,7 +863,12 @@ def main() -> int:
     procs = Procs()
     res = Results()
     started = time.monotonic()
-    phases = {"intake": phase_intake, "delivery": phase_delivery, "isolation": phase_isolation}
+    phases = {
+        "intake": phase_intake,
+        "delivery": phase_delivery,
+        "isolation": phase_isolation,
+        "isolation50": phase_isolation_50,
+    }
     try:
         with workspace() as workdir:
             for name, phase in phases.items():

@@ -6,18 +6,20 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from pusherd.api import ingest, paystell, zettle
+from pusherd.api import ingest, paystell, routes, zettle
 from pusherd.api.errors import error_middleware
 from pusherd.api.ingest import healthz
 from pusherd.auth import auth_middleware
 from pusherd.config import Config
 from pusherd.keys import INGEST_APP, RUNTIME
+from pusherd.log import guard_server_logs
 from pusherd.openapi import add_routes as add_openapi_routes
 from pusherd.runtime import Runtime
 
 
 def create_app(config: Config, *, dispatch: bool = True) -> web.Application:
     """The API app; the ingest app hangs off it under INGEST_APP and shares its Runtime."""
+    guard_server_logs()  # never a token in a log, whoever configured logging
     runtime = Runtime(config)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -28,7 +30,7 @@ def create_app(config: Config, *, dispatch: bool = True) -> web.Application:
     api = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=1024**2)
     api[RUNTIME] = runtime
     api.cleanup_ctx.append(lifecycle)
-    api.router.add_get("/healthz", healthz, allow_head=False)
+    routes.add(api, "/healthz", {"GET": healthz})
     add_openapi_routes(api)
     zettle.add_routes(api)
     paystell.add_routes(api)

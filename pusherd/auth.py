@@ -11,15 +11,23 @@ from pusherd.api.errors import ApiError
 from pusherd.clock import now_ms
 from pusherd.keys import RUNTIME, TOKEN_KEY, request_token
 
-PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
+PUBLIC_PATHS = frozenset({"/healthz", "/healthz/", "/openapi.json", "/openapi.json/"})
 
 
 def bearer(request: web.Request) -> str | None:
-    """The token of an `Authorization: Bearer <token>` header, or None."""
+    """The token of an `Authorization: Bearer <token>` header, or None.
+
+    aiohttp decodes header bytes that are not UTF-8 into lone surrogates, which no token holds
+    and which cannot be encoded (for hashing, for comparing): such a header names no token.
+    """
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.strip().partition(" ")
     value = value.strip()
     if scheme.lower() != "bearer" or not value or " " in value:
+        return None
+    try:
+        value.encode()
+    except UnicodeEncodeError:
         return None
     return value
 

@@ -51,6 +51,7 @@ def make_site(runner: web.AppRunner, listen: str) -> web.BaseSite:
 async def serve(config: Config, config_path: str | None) -> int:
     """Run both listeners until SIGTERM/SIGINT; SIGHUP reloads log level and rate limits."""
     from pusherd.app import create_app
+    from pusherd.httpserver import AppRunner
     from pusherd.keys import INGEST_APP, RUNTIME
     from pusherd.systemd import SystemdNotifier
 
@@ -58,8 +59,8 @@ async def serve(config: Config, config_path: str | None) -> int:
     app = create_app(config)
     runtime = app[RUNTIME]
     grace = min(config.delivery.shutdown_grace, 5.0)
-    api_runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=grace)
-    ingest_runner = web.AppRunner(
+    api_runner = AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=grace)
+    ingest_runner = AppRunner(
         app[INGEST_APP], access_log=None, handle_signals=False, shutdown_timeout=grace
     )
     await api_runner.setup()

@@ -139,6 +139,7 @@ class SmtpConfig:
     password: str = ""
     starttls: bool = False
     timeout: float = 10.0
+    repeat_after: float = 24 * 3600.0  # at most one FAILING mail per subscription this often
 
 
 @dataclass(frozen=True)
@@ -274,6 +275,7 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, tuple[str, Any]]]] = {
             "password": ("password", _string),
             "starttls": ("starttls", _bool),
             "timeout": ("timeout", _positive_duration),
+            "repeat_after": ("repeat_after", parse_duration),
         },
     ),
     "log": (LogConfig, {"level": ("level", _level), "format": ("format", _format)}),
@@ -325,10 +327,9 @@ def config_from_dict(data: Mapping[str, object], source: str = "") -> Config:
             except ValueError as exc:
                 raise ConfigError(f"{section}.{key}: {exc}") from None
         kwargs[section] = cls(**fields)
-    config = Config(**kwargs)  # type: ignore[arg-type]
-    if config.delivery.per_destination > config.delivery.max_in_flight:
-        raise ConfigError("delivery.per_destination: cannot exceed delivery.max_in_flight")
-    return config
+    # A per_destination above max_in_flight is valid (SPEC §1): the dispatcher holds both limits,
+    # so max_in_flight then applies, and a user who lowers one need not know about the other.
+    return Config(**kwargs)  # type: ignore[arg-type]
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:

@@ -60,6 +60,11 @@ class Metrics:
         for status in ("delivered", "failed"):
             self.finished.labels(status=status)
 
+    def forget_origin(self, origin: str) -> None:
+        """Remove an origin's series (no subscription points at it any more)."""
+        self.in_flight.remove(origin)
+        self.circuit_open.remove(origin)
+
     def render(self, stats: QueueStats) -> bytes:
         """The text exposition, with queue gauges refreshed from `stats`."""
         self.queue_depth.set(stats.pending)

@@ -1,9 +1,16 @@
-"""contactEmail notices when a subscription turns FAILING or DISABLED (SMTP, or a log line)."""
+"""contactEmail notices when a subscription turns FAILING or DISABLED (SMTP, or a log line).
+
+A subscription that flaps between ACTIVE and FAILING is not a mail storm: it gets at most one
+FAILING notice per `smtp.repeat_after`; the repeats are logged at info level. Every change to
+DISABLED is a notice. What was noticed when lives in memory (a restart may notice once more).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import smtplib
+import time
+from collections.abc import Callable
 from email.message import EmailMessage
 
 import structlog
@@ -12,6 +19,7 @@ from pusherd.config import SmtpConfig
 from pusherd.store.models import StatusChange
 
 log = structlog.get_logger("pusherd.notify")
+PRUNE_MIN = 1024  # entries of the FAILING-notice table before it is swept of expired ones
 
 
 def compose(change: StatusChange, sender: str) -> EmailMessage:
@@ -35,11 +43,15 @@ def compose(change: StatusChange, sender: str) -> EmailMessage:
 
 
 class Notifier:
-    """Sends one mail per status change to FAILING or DISABLED, in the background."""
+    """Sends one mail per status change to FAILING (debounced) or DISABLED, in the background."""
 
-    def __init__(self, smtp: SmtpConfig) -> None:
+    def __init__(self, smtp: SmtpConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.smtp = smtp
+        self.clock = clock
         self._tasks: set[asyncio.Task[None]] = set()
+        # subscription -> when its last FAILING notice went out
+        self._failing_noticed: dict[str, float] = {}
+        self._prune_at = PRUNE_MIN
 
     def notify(self, change: StatusChange) -> None:
         """Mail (or log) a change; returns at once."""
@@ -49,6 +61,17 @@ class Notifier:
                 subscription=change.subscription,
                 old=change.old,
                 new=change.new,
+            )
+            return
+        if self._repeated(change):
+            log.info(
+                "subscription_status_changed",
+                subscription=change.subscription,
+                old=change.old,
+                new=change.new,
+                reason=change.reason,
+                mailed=False,
+                repeated=True,  # noticed less than repeat_after ago
             )
             return
         if not self.smtp.host or not change.contact_email:
@@ -65,6 +88,24 @@ class Notifier:
         task = asyncio.get_running_loop().create_task(self._send(change))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _repeated(self, change: StatusChange) -> bool:
+        """A FAILING change within repeat_after of the last noticed one; notes a new notice."""
+        sub, now = change.subscription, self.clock()
+        if change.new == "DISABLED":
+            self._failing_noticed.pop(sub, None)  # a later FAILING is news again
+            return False
+        last = self._failing_noticed.get(sub)
+        if last is not None and now - last < self.smtp.repeat_after:
+            return True
+        self._failing_noticed[sub] = now
+        if len(self._failing_noticed) >= self._prune_at:
+            # Bounded by the subscriptions noticed within repeat_after, not all that ever were.
+            self._failing_noticed = {
+                s: t for s, t in self._failing_noticed.items() if now - t < self.smtp.repeat_after
+            }
+            self._prune_at = max(PRUNE_MIN, 2 * len(self._failing_noticed))
+        return False
 
     async def _send(self, change: StatusChange) -> None:
         msg = compose(change, self.smtp.from_)

@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from pusherd.app import create_app
 from pusherd.config import Config, config_from_dict
+from pusherd.httpserver import AppRunner
 from pusherd.keys import INGEST_APP, RUNTIME
 from pusherd.runtime import Runtime
 from pusherd.store.db import connect_sync
@@ -131,6 +132,13 @@ async def receiver(receiver_factory: Callable[..., Awaitable[Receiver]]) -> Rece
     return await receiver_factory()
 
 
+class PusherdTestServer(TestServer):
+    """A TestServer wired as `pusherd serve` wires its listeners (pusherd.httpserver.AppRunner)."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        return AppRunner(self.app, **kwargs)
+
+
 @dataclass
 class Harness:
     """A running pusherd: API and ingest test clients over one Runtime."""
@@ -201,8 +209,8 @@ def harness_factory(tmp_path: Path, aiohttp_client: Any) -> Callable[..., Awaita
     async def make(config: Config | None = None, **sections: dict[str, Any]) -> Harness:
         cfg = config or make_config(tmp_path, **sections)
         app = create_app(cfg)
-        api = await aiohttp_client(app)
-        ingest = await aiohttp_client(app[INGEST_APP])
+        api = await aiohttp_client(PusherdTestServer(app))
+        ingest = await aiohttp_client(PusherdTestServer(app[INGEST_APP]))
         return Harness(cfg, api, ingest, app[RUNTIME])
 
     return make

@@ -16,6 +16,7 @@ import structlog
 from pusherd.store.db import connect_sync
 from pusherd.store.tokens import list_tokens, revoke_token
 from tests.conftest import ORG, OTHER_ORG, Harness
+from tests.rawhttp import api_port, ingest_port, request, send
 
 BASE = "/organizations/self/subscriptions"
 PUBLIC = "https://93.184.216.34/hook"
@@ -240,3 +241,39 @@ async def test_logs_never_carry_a_token_or_signing_key(harness: Harness) -> None
     assert token not in text
     assert "pshd_wrong_secret" not in text
     assert sub["signingKey"] not in text
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"Bearer \xff\xfe{token}",  # bytes before a valid token
+        b"Bearer {token}\xe9",  # a Latin-1 byte after it
+        b"Bearer \xed\xa0\x80",  # an encoded surrogate
+        b"\xc3\x28 {token}",  # an invalid scheme
+    ],
+)
+async def test_authorization_bytes_that_are_not_utf8_are_401(
+    harness_factory: HarnessFactory, value: bytes
+) -> None:
+    h = await harness_factory(ingest={"token": "ingest-token-value"})
+    await h.runtime.dispatcher.stop(0)
+    token = h.token()
+    sub = await h.subscribe(token, PUBLIC)
+    header = b"Authorization: " + value.replace(b"{token}", token.encode()) + b"\r\n"
+    with structlog.testing.capture_logs() as logs:
+        for method, path in _endpoints(sub["uuid"]):
+            answer = await send(api_port(h), request(method, path, header, b"{}"))
+            assert answer.status == 401, (method, path, answer)
+            assert answer.json()["status"] == "error"
+            assert answer.headers["www-authenticate"].startswith("Bearer")
+        ingest_header = value.replace(b"{token}", b"ingest-token-value")
+        answer = await send(
+            ingest_port(h),
+            request("POST", "/events", b"Authorization: " + ingest_header + b"\r\n", b"{}"),
+        )
+        assert answer.status == 401, answer
+        assert answer.json()["status"] == "error"
+    assert [e for e in logs if e["log_level"] == "error"] == []
+    # the subscription is untouched
+    listed = await (await h.api.get(BASE, headers=h.auth(token))).json()
+    assert [s["uuid"] for s in listed] == [sub["uuid"]]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import tomllib
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from pusherd.config import (
     ENV_CONFIG,
@@ -20,7 +23,7 @@ from pusherd.config import (
     parse_duration,
     parse_size,
 )
-from tests.conftest import Harness, make_config
+from tests.conftest import Harness, Receiver, make_config
 from tests.service import run_cli_async
 
 HarnessFactory = Callable[..., Awaitable[Harness]]
@@ -152,7 +155,6 @@ def test_unknown_keys_are_refused(tmp_path: Path, toml: str, key: str) -> None:
         ("[delivery]\nmax_in_flight = '5'\n", "delivery.max_in_flight"),
         ("[delivery]\nmax_in_flight = true\n", "delivery.max_in_flight"),
         ("[delivery]\nper_destination = -1\n", "delivery.per_destination"),
-        ("[delivery]\nmax_in_flight = 4\nper_destination = 8\n", "delivery.per_destination"),
         ("[delivery]\nretry_schedule = '5s'\n", "delivery.retry_schedule"),
         ("[delivery]\nretry_schedule = ['5s', 'soon']\n", "delivery.retry_schedule"),
         ("[delivery]\njitter = 1.5\n", "delivery.jitter"),
@@ -303,3 +305,53 @@ def test_config_from_dict_matches_the_file_loader(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('[log]\nlevel = "DEBUG"\n')
     assert load_config(path).log == config_from_dict({"log": {"level": "debug"}}).log
+
+
+async def test_max_in_flight_below_the_default_per_destination_is_valid(tmp_path: Path) -> None:
+    # SPEC §1: a per_destination above max_in_flight is valid; max_in_flight then applies.
+    config = config_from_dict({"delivery": {"max_in_flight": 2}})
+    assert (config.delivery.max_in_flight, config.delivery.per_destination) == (2, 8)
+    path = tmp_path / "c.toml"
+    path.write_text("[delivery]\nmax_in_flight = 2\n")
+    assert load_config(path).delivery.per_destination == 8
+    code, out, err = await run_cli_async("check-config", "--config", str(path))
+    assert code == 0, err
+    printed = tomllib.loads(out)["delivery"]
+    assert (printed["max_in_flight"], printed["per_destination"]) == (2, 8)
+
+
+async def test_a_daemon_with_max_in_flight_2_starts_and_sends_at_most_2_at_once(
+    harness_factory: HarnessFactory, receiver_factory: Callable[..., Awaitable[Receiver]]
+) -> None:
+    release = asyncio.Event()
+    in_flight: list[int] = []
+    most = 0
+
+    async def hold(request: web.Request) -> web.StreamResponse:
+        nonlocal most
+        in_flight.append(1)
+        most = max(most, len(in_flight))
+        await release.wait()
+        in_flight.pop()
+        return web.Response(status=200)
+
+    # a long timeout: a held attempt must not time out and come back as a retry while held
+    h = await harness_factory(delivery={"max_in_flight": 2, "timeout": "60s"})
+    # Four answers at once first: each success lifts the new origin's slow start by one, so
+    # its own limit (5) is above max_in_flight, which is then the limit that binds.
+    rec = await receiver_factory(statuses=[200] * 4 + [hold] * 5)
+    await h.subscribe(h.token(), rec.url, ["ProductCreated"])
+    for _ in range(3):
+        assert (await h.emit("ProductCreated"))["deliveries"] == 1
+    await rec.wait_for(4)
+    for _ in range(5):
+        assert (await h.emit("ProductCreated"))["deliveries"] == 1
+    await rec.wait_for(6)
+    # a seventh attempt would arrive at once if only per_destination (8) applied
+    with pytest.raises(AssertionError):
+        await rec.wait_for(7, timeout=0.5)
+    assert most == 2
+    release.set()
+    await rec.wait_for(9)
+    await h.idle()
+    assert most == 2

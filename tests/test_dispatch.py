@@ -447,9 +447,10 @@ async def test_leases_of_a_killed_daemon_are_recovered_at_start(
                 }
                 async with session.post(f"{daemon.ingest}/events", json=event) as resp:
                     assert resp.status == 202, await resp.text()
-        # The TestMessage and every event are on the wire, waiting for an answer.
+        # The TestMessage is on the wire, waiting for an answer (an origin that has not answered
+        # yet gets one attempt at a time); the events are pending, some of them claimed.
         deadline = time.monotonic() + 10
-        while hanging.requests < 1 + len(ids):
+        while hanging.requests < 1:
             assert time.monotonic() < deadline, f"only {hanging.requests} requests arrived"
             hanging.arrived.clear()
             with contextlib.suppress(TimeoutError):
@@ -465,7 +466,7 @@ async def test_leases_of_a_killed_daemon_are_recovered_at_start(
             " AND lease_until_ms > ?",
             (int(time.time() * 1000) + 20_000,),
         ).fetchone()[0]
-    assert leased == 1 + len(ids)  # without recovery they would wait ~30s
+    assert leased >= 1  # without recovery they would wait ~30s
 
     receiver = Receiver()
     healthy = await start_receiver(port, receiver)

@@ -461,3 +461,91 @@ async def test_events_reach_a_subscriber_in_ingest_order(
     sent += [r["messageId"] for r in body]
     await receiver.wait_for(len(sent), "ProductCreated")
     assert [e["messageId"] for e in receiver.events("ProductCreated")] == sent
+
+
+# -- hostile input: deep nesting, encodings, path forms -----------------------------------------
+
+
+def nested(depth: int, kind: str = "array") -> bytes:
+    """A JSON value `depth` levels deep."""
+    if kind == "array":
+        return b"[" * depth + b"]" * depth
+    return b'{"a":' * depth + b"1" + b"}" * depth
+
+
+def raw_event(payload: bytes) -> bytes:
+    return b'{"eventName":"ProductCreated","organizationUuid":"%s","payload":%s}' % (
+        ORG.encode(),
+        payload,
+    )
+
+
+@pytest.mark.parametrize("kind", ["array", "object"])
+@pytest.mark.parametrize("depth", [255, 600, 1000])
+async def test_payloads_nested_deeper_than_orjson_writes_are_400(
+    harness: Harness, depth: int, kind: str
+) -> None:
+    # orjson reads up to 1024 levels but writes only 254: valid JSON, but not storable
+    deep = raw_event(nested(depth, kind))
+    status, answer = await post(harness, deep)
+    assert_error(status, answer, 400)
+    assert "nested" in answer["message"]
+    status, answer = await post(harness, b"[" + orjson.dumps(event()) + b"," + deep + b"]")
+    assert_error(status, answer, 400)
+    assert answer["message"].startswith("events[1]: ")
+    assert stored_events(harness) == 0
+    status, answer = await post(harness, raw_event(nested(200, kind)))
+    assert status == 202, answer
+
+
+async def test_bodies_whose_content_encoding_does_not_decode_are_400(harness: Harness) -> None:
+    import gzip
+    import zlib
+
+    good = orjson.dumps(event())
+    cases = [
+        ("gzip", b"this is not gzip"),
+        ("gzip", gzip.compress(good)[:-12]),  # cut short
+        ("deflate", b"\xff\xfe\xfd not deflate"),
+        ("x-bogus", good),
+        ("gzip, identity", gzip.compress(good)),
+    ]
+    for coding, data in cases:
+        resp = await harness.ingest.post(
+            "/events",
+            data=data,
+            headers={"Content-Type": "application/json", "Content-Encoding": coding},
+        )
+        assert resp.status == 400, (coding, await resp.text())
+        assert (await resp.json())["status"] == "error"
+    assert stored_events(harness) == 0
+    for coding, data in (("gzip", gzip.compress(good)), ("deflate", zlib.compress(good))):
+        resp = await harness.ingest.post("/events", data=data, headers={"Content-Encoding": coding})
+        assert resp.status == 202, (coding, await resp.text())
+    # the API listener reads bodies the same way
+    token = harness.token()
+    resp = await harness.api.post(
+        "/organizations/self/subscriptions",
+        data=b"not gzip",
+        headers={**harness.auth(token), "Content-Encoding": "gzip"},
+    )
+    assert resp.status == 400
+    assert (await resp.json())["status"] == "error"
+
+
+async def test_ingest_routes_answer_with_a_trailing_slash(
+    harness: Harness, receiver: Receiver
+) -> None:
+    await subscribed(harness, receiver)
+    resp = await harness.ingest.post("/events/", json=event())
+    assert resp.status == 202, await resp.text()
+    await receiver.wait_for(1, "ProductCreated")
+    for client in (harness.ingest, harness.api):
+        resp = await client.get("/healthz/")
+        assert resp.status == 200 and await resp.json() == {"status": "ok"}
+    resp = await harness.ingest.get("/metrics/")
+    assert resp.status == 200
+    assert "pusherd_events_ingested_total 1" in await resp.text()
+    resp = await harness.ingest.put("/events/")
+    assert resp.status == 405
+    assert (await resp.json())["status"] == "error"

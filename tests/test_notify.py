@@ -18,7 +18,10 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from structlog.testing import capture_logs
 
-from tests.conftest import Harness, Receiver, make_config
+from pusherd.config import SmtpConfig
+from pusherd.notify import Notifier
+from pusherd.store.models import StatusChange
+from tests.conftest import ORG, Harness, Receiver, make_config
 
 ReceiverFactory = Callable[..., Awaitable[Receiver]]
 HarnessFactory = Callable[..., Awaitable[Harness]]
@@ -146,13 +149,13 @@ async def test_410_disables_at_once_with_one_mail(
     assert "DISABLED" in msg["Subject"]
 
 
-async def test_failing_again_after_recovery_mails_again(
+async def test_failing_again_after_recovery_mails_again_with_repeat_after_zero(
     tmp_path: Path,
     harness_factory: HarnessFactory,
     receiver_factory: ReceiverFactory,
     mailbox: Mailbox,
 ) -> None:
-    cfg = smtp_config(tmp_path, mailbox)
+    cfg = smtp_config(tmp_path, mailbox, repeat_after="0s")
     h = await harness_factory(cfg)
     receiver = await receiver_factory(statuses=[500, 200, 500, 200])
     token = h.token()
@@ -164,6 +167,84 @@ async def test_failing_again_after_recovery_mails_again(
     await settle(h)
     subjects = [m["Subject"] for _, _, m in mailbox.mails()]
     assert len(subjects) == 2 and all("FAILING" in s for s in subjects)
+
+
+async def test_a_flapping_subscription_gets_one_failing_mail_and_its_disabled_mail(
+    tmp_path: Path,
+    harness_factory: HarnessFactory,
+    receiver_factory: ReceiverFactory,
+    mailbox: Mailbox,
+) -> None:
+    h = await harness_factory(smtp_config(tmp_path, mailbox))  # repeat_after: 24h by default
+    receiver = await receiver_factory(statuses=[500, 200] * 4 + [410])
+    token = h.token()
+    with capture_logs() as logs:
+        await h.subscribe(token, receiver.url, contactEmail="ops@example.com")
+        await receiver.wait_for(2, "TestMessage")
+        for n in range(1, 4):  # each fails once, then goes through: ACTIVE -> FAILING -> ACTIVE
+            await h.emit()
+            await receiver.wait_for(2 * n, "ProductCreated")
+        await h.emit()  # 410: DISABLED
+        await receiver.wait_for(7, "ProductCreated")
+        await mailbox.wait_for(2)
+        await settle(h)
+
+    subjects = [m["Subject"] for _, _, m in mailbox.mails()]
+    assert len(subjects) == 2, subjects
+    assert "FAILING" in subjects[0] and "DISABLED" in subjects[1]
+    assert [e["new"] for e in logs if e["event"] == "notice_mailed"] == ["FAILING", "DISABLED"]
+    # The three later changes to FAILING are logged, at info level.
+    changes = [e for e in logs if e["event"] == "subscription_status_changed"]
+    repeats = [e for e in changes if e["new"] == "FAILING"]
+    assert [(e["log_level"], e["repeated"]) for e in repeats] == [("info", True)] * 3
+    assert not [e for e in changes if e["log_level"] == "warning"]
+
+
+def change(sub: str, new: str, old: str = "ACTIVE") -> StatusChange:
+    return StatusChange(sub, ORG, "ops@example.com", "https://example.com/hook", old, new, "test")  # type: ignore[arg-type]
+
+
+async def test_repeat_after_counts_per_subscription_and_disabled_is_always_noticed(
+    mailbox: Mailbox,
+) -> None:
+    now = [0.0]
+    smtp = SmtpConfig(host="127.0.0.1", port=mailbox.port, repeat_after=10.0)
+    notifier = Notifier(smtp, clock=lambda: now[0])
+    # (time, subscription, new status) -> mailed?
+    table = [
+        (0.0, "a", "FAILING", True),
+        (1.0, "b", "FAILING", True),  # another subscription: its own interval
+        (5.0, "a", "FAILING", False),
+        (9.9, "a", "FAILING", False),
+        (10.0, "a", "FAILING", True),  # repeat_after has passed
+        (11.0, "a", "DISABLED", True),  # always
+        (12.0, "a", "FAILING", True),  # re-enabled after DISABLED: news again
+        (12.5, "a", "DISABLED", True),
+    ]
+    with capture_logs() as logs:
+        for at, sub, new, _ in table:
+            now[0] = at
+            notifier.notify(change(sub, new))
+        await notifier.drain()
+    mailed = [(at, sub, new) for at, sub, new, m in table if m]
+    assert len(mailbox.mails()) == len(mailed)
+    got = sorted((m["Subject"].split()[2], m["Subject"].split()[-1]) for _, _, m in mailbox.mails())
+    assert got == sorted((sub, new) for _, sub, new in mailed)
+    repeats = [e for e in logs if e["event"] == "subscription_status_changed"]
+    assert [e["log_level"] for e in repeats] == ["info", "info"]
+
+
+async def test_without_smtp_the_first_failing_is_a_warning_and_repeats_are_info() -> None:
+    notifier = Notifier(SmtpConfig(), clock=lambda: 0.0)
+    with capture_logs() as logs:
+        for new in ("FAILING", "FAILING", "DISABLED", "FAILING"):
+            notifier.notify(change("a", new))
+    assert [(e["new"], e["log_level"]) for e in logs] == [
+        ("FAILING", "warning"),
+        ("FAILING", "info"),
+        ("DISABLED", "warning"),
+        ("FAILING", "warning"),
+    ]
 
 
 async def test_smtp_login(

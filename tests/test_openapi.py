@@ -11,8 +11,10 @@ from aiohttp import web
 from openapi_spec_validator import validate
 
 import pusherd
+from pusherd.api.routes import path_forms
 from pusherd.app import create_app
 from pusherd.keys import INGEST_APP
+from pusherd.openapi import document
 from tests.conftest import Harness, make_config
 
 DOCUMENT = Path(pusherd.__file__).parent / "openapi.json"
@@ -22,8 +24,15 @@ PUBLIC = {("get", "/healthz"), ("get", "/openapi.json"), ("get", "/metrics"), ("
 
 
 def _doc() -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(DOCUMENT.read_text())
-    return data
+    """The served document: the shipped file plus the other forms of its paths."""
+    return document()
+
+
+def _canonical(doc_path: str) -> str:
+    """The path of the shipped document that `doc_path` is a form of."""
+    shipped = json.loads(DOCUMENT.read_text())["paths"]
+    (canonical,) = [p for p in shipped if doc_path in [form for form, _ in path_forms(p)]]
+    return canonical
 
 
 def _routes(app: web.Application) -> set[tuple[str, str]]:
@@ -59,7 +68,7 @@ def test_ingest_operations_name_the_ingest_listener(tmp_path: Path) -> None:
         assert path in ingest
         assert "ingest" in doc["paths"][path]["servers"][0]["url"]
     for path, item in doc["paths"].items():
-        if path not in INGEST_PATHS:
+        if _canonical(path) not in INGEST_PATHS:
             assert "servers" not in item, path
 
 
@@ -80,7 +89,7 @@ def test_operations_declare_their_errors_and_security() -> None:
         op = doc["paths"][path][method]
         responses = op["responses"]
         assert any(code.startswith("2") for code in responses), (method, path)
-        public = (method, path) in PUBLIC
+        public = (method, _canonical(path)) in PUBLIC
         assert ("security" in op and op["security"] in ([], [{}, {"ingestToken": []}])) == public
         if not public:
             assert {"401", "429"} <= set(responses), (method, path)
@@ -96,3 +105,18 @@ async def test_document_is_served_without_a_token(harness: Harness) -> None:
     assert resp.content_type == "application/json"
     assert await resp.json() == _doc()
     assert (await harness.ingest.get("/openapi.json")).status == 404
+
+
+def test_every_path_is_also_documented_with_a_trailing_slash_and_the_uuid_form() -> None:
+    doc = _doc()
+    shipped = json.loads(DOCUMENT.read_text())
+    single = "/organizations/{organizationUuid}/subscriptions/{subscriptionUuid}"
+    alias = "/organizations/{organizationUuid}/subscriptions/uuid/{subscriptionUuid}"
+    for path in shipped["paths"]:
+        assert path + "/" in doc["paths"], path
+    for path in (alias, alias + "/"):
+        assert set(doc["paths"][path]) >= {"get", "put", "delete"}
+    assert doc["paths"][alias + "/"]["delete"]["operationId"] == "deleteSubscriptionUuidPathSlash"
+    assert doc["paths"][single]["get"]["operationId"] == "getSubscription"
+    ids = [op["operationId"] for m, path in _operations(doc) for op in [doc["paths"][path][m]]]
+    assert len(ids) == len(set(ids))

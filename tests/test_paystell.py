@@ -696,3 +696,71 @@ async def test_unknown_routes_and_wrong_methods_use_the_error_body(harness: Harn
     assert_error(status, answer, 404)
     status, answer = await call(harness, "DELETE", "/api/webhooks/metrics", token)
     assert_error(status, answer, 405)
+
+
+# -- the shapes real clients send (SPEC §3, §4) ---------------------------------------------------
+
+
+async def test_every_route_answers_with_a_trailing_slash_and_ignores_bodies_on_get_and_delete(
+    harness: Harness, receiver: Receiver
+) -> None:
+    token = harness.token()
+    status, answer = await call(
+        harness,
+        "POST",
+        "/api/webhooks/register/",
+        token,
+        {"url": receiver.url, "eventTypes": ["ProductCreated"]},
+    )
+    assert status == 201, answer
+    hook = answer["data"]
+    status, answer = await call(harness, "GET", "/api/webhooks/", token, b"[]")
+    assert status == 200 and [w["id"] for w in answer["data"]] == [hook["id"]]
+    status, answer = await call(harness, "GET", "/api/webhooks/register/", token, b"[]")
+    assert status == 200 and answer["data"]["id"] == hook["id"]
+    status, answer = await call(
+        harness, "PUT", "/api/webhooks/register/", token, {"eventTypes": ["ProductUpdated"]}
+    )
+    assert status == 200 and answer["data"]["eventTypes"] == ["ProductUpdated"]
+    status, answer = await call(harness, "POST", f"/api/webhooks/{hook['id']}/test/", token, {})
+    assert status == 200, answer
+    event_id = answer["data"]["eventId"]
+    await event_in(harness, token, event_id, "delivered")
+    status, answer = await call(harness, "GET", f"/api/webhooks/{hook['id']}/events/", token)
+    assert status == 200 and answer["data"]["events"]
+    status, answer = await call(harness, "GET", f"/api/webhooks/events/{event_id}/", token, b"[]")
+    assert status == 200 and answer["data"]["id"] == event_id
+    status, answer = await call(harness, "POST", f"/api/webhooks/events/{event_id}/retry/", token)
+    assert status == 202, answer
+    status, answer = await call(harness, "GET", "/api/webhooks/metrics/", token, b"[]")
+    assert status == 200 and answer["data"]["total"] >= 2
+    status, answer = await call(harness, "POST", "/api/webhooks/test/", token, {})
+    assert status == 200, answer
+    status, answer = await call(harness, "POST", "/api/webhooks/generate-secret/", token)
+    assert status == 200 and answer["data"]["webhookId"] == hook["id"]
+    status, answer = await call(harness, "DELETE", "/api/webhooks/register/", token, b"[]")
+    assert status == 200, answer
+    status, answer = await call(harness, "GET", "/api/webhooks/", token)
+    assert answer["data"] == []
+    status, answer = await call(harness, "PATCH", "/api/webhooks/register/", token)
+    assert_error(status, answer, 405)
+
+
+async def test_a_url_over_2048_characters_is_400(harness_factory: HarnessFactory) -> None:
+    h = await harness_factory()
+    await h.runtime.dispatcher.stop(0)  # nothing is sent: the destination is a public address
+    token = h.token()
+    public = "https://93.184.216.34/hook"
+    at_limit = public + "/" + "a" * (2048 - len(public) - 1)
+    over = at_limit + "a"
+    status, answer = await call(
+        h, "POST", "/api/webhooks/register", token, {"url": over, "eventTypes": []}
+    )
+    assert_error(status, answer, 400)
+    assert "2048" in answer["message"]
+    hook = await register(h, token, at_limit)
+    assert hook["url"] == at_limit
+    status, answer = await call(h, "PUT", "/api/webhooks/register", token, {"url": over})
+    assert_error(status, answer, 400)
+    status, answer = await call(h, "GET", "/api/webhooks/register", token)
+    assert answer["data"]["url"] == at_limit

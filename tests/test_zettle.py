@@ -10,11 +10,13 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp import ClientResponse, web
 
 from pusherd.config import EventType
 from tests.conftest import ALL_SCOPES, ORG, OTHER_ORG, Harness, Receiver, make_config
+from tests.rawhttp import api_port, request, send
 
 BASE = "/organizations/self/subscriptions"
 PUBLIC = "https://93.184.216.34/hook"  # a public IP literal: valid without DNS
@@ -729,7 +731,10 @@ async def test_delete_cancels_pending_deliveries(
     [
         ("GET", "/nope", 404),
         ("GET", "/organizations/self/subscriptions/x/y", 404),
-        ("GET", f"{BASE}/{uuid.uuid1()}", 405),
+        ("POST", f"{BASE}/{uuid.uuid1()}", 405),
+        ("PATCH", f"{BASE}/uuid/{uuid.uuid1()}/", 405),
+        ("PUT", f"{BASE}/", 405),
+        ("GET", f"{BASE}//", 404),
         ("PATCH", BASE, 405),
         ("DELETE", BASE, 405),
         ("PUT", BASE, 405),
@@ -809,3 +814,105 @@ async def test_empty_event_names_include_event_types_added_later(
     assert receiver.events("stock.counted")[0]["payload"] == '{"sku":"A1"}'
     await second.idle()
     assert receiver.events("transaction.created") == []
+
+
+# -- the shapes real clients send (SPEC §3) ---------------------------------------------------
+
+
+async def test_get_one_subscription(harness: Harness) -> None:
+    token = harness.token()
+    sub = await harness.subscribe(token, PUBLIC, ["ProductCreated"])
+    resp = await harness.api.get(f"{BASE}/{sub['uuid']}", headers=harness.auth(token))
+    assert resp.status == 200
+    assert await resp.json() == sub
+    theirs = await harness.subscribe(harness.token(org=OTHER_ORG), PUBLIC)
+    for target in (theirs["uuid"], str(uuid.uuid1()), "nope"):
+        await error(await harness.api.get(f"{BASE}/{target}", headers=harness.auth(token)), 404)
+
+
+async def test_the_woocommerce_plugin_lifecycle_over_a_raw_socket(harness: Harness) -> None:
+    """Create, list, read, update and delete as the PayPal POS plugin's SDK does: trailing
+    slashes, the seed's `/uuid/{uuid}` form, and a `[]` body on GET and DELETE."""
+    token = harness.token()
+    auth = f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n".encode()
+    port = api_port(harness)
+    created = body()
+    sub_uuid = created["uuid"]
+    answer = await send(port, request("POST", BASE + "/", auth, orjson.dumps(created)))
+    assert answer.status == 200, answer
+    assert answer.json()["uuid"] == sub_uuid
+    answer = await send(port, request("GET", BASE + "/", auth, b"[]"))
+    assert answer.status == 200 and [s["uuid"] for s in answer.json()] == [sub_uuid]
+    for path in (f"{BASE}/uuid/{sub_uuid}", f"{BASE}/uuid/{sub_uuid}/", f"{BASE}/{sub_uuid}/"):
+        answer = await send(port, request("GET", path, auth, b"[]"))
+        assert answer.status == 200, (path, answer)
+        assert answer.json()["uuid"] == sub_uuid
+    for i, path in enumerate((f"{BASE}/uuid/{sub_uuid}", f"{BASE}/uuid/{sub_uuid}/")):
+        change = orjson.dumps({"destination": f"{PUBLIC}/{i}"})
+        answer = await send(port, request("PUT", path, auth, change))
+        assert answer.status == 200, (path, answer)
+        assert (await _one(harness, token))["destination"] == f"{PUBLIC}/{i}"
+    answer = await send(port, request("DELETE", f"{BASE}/uuid/{sub_uuid}", auth, b"[]"))
+    assert answer.status == 204, answer
+    assert harness.runtime.store.get_subscription(ORG, sub_uuid) is None
+    for path in (f"{BASE}/uuid/{sub_uuid}", f"{BASE}/uuid/{sub_uuid}/", f"{BASE}/{sub_uuid}/"):
+        for method in ("GET", "DELETE"):
+            answer = await send(port, request(method, path, auth, b"[]"))
+            assert answer.status == 404, (method, path)
+            assert answer.json()["status"] == "error"
+
+
+@pytest.mark.parametrize("slash", ["", "/"])
+async def test_trailing_slash_forms_of_create_update_and_delete(
+    harness: Harness, slash: str
+) -> None:
+    token = harness.token()
+    resp = await harness.api.post(BASE + slash, json=body(), headers=harness.auth(token))
+    assert resp.status == 200
+    sub = await resp.json()
+    path = f"{BASE}/{sub['uuid']}{slash}"
+    resp = await harness.api.put(path, json={"eventNames": []}, headers=harness.auth(token))
+    assert resp.status == 200
+    assert (await _one(harness, token))["eventNames"] == []
+    resp = await harness.api.delete(path, data=b"[]", headers=harness.auth(token))
+    assert resp.status == 204
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("PUT", f"{BASE}/", 405),
+        ("DELETE", f"{BASE}/", 405),
+        ("POST", f"{BASE}/uuid/{uuid.uuid1()}/", 405),
+        ("GET", f"{BASE}//", 404),
+        ("GET", f"{BASE}/uuid/", 404),
+        ("GET", f"{BASE}/uuid/x/y", 404),
+        ("GET", "/organizations/self/subscriptions/x/y/", 404),
+    ],
+)
+async def test_wrong_methods_and_unknown_forms_use_the_error_body(
+    harness: Harness, method: str, path: str, status: int
+) -> None:
+    token = harness.token()
+    resp = await harness.api.request(method, path, headers=harness.auth(token))
+    await error(resp, status)
+    if status == 405:
+        assert resp.headers["Allow"]
+
+
+async def test_a_destination_over_2048_characters_is_422(harness: Harness) -> None:
+    token = harness.token()
+    at_limit = PUBLIC + "/" + "a" * (2048 - len(PUBLIC) - 1)
+    over = at_limit + "a"
+    for huge in (over, PUBLIC + "/" + "b" * 1_000_000):
+        resp = await harness.api.post(
+            BASE, json=body(destination=huge), headers=harness.auth(token)
+        )
+        assert "2048" in await error(resp, 422)
+    sub = await harness.subscribe(token, at_limit)
+    assert sub["destination"] == at_limit
+    resp = await harness.api.put(
+        f"{BASE}/{sub['uuid']}", json={"destination": over}, headers=harness.auth(token)
+    )
+    await error(resp, 422)
+    assert (await _one(harness, token))["destination"] == at_limit

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from pusherd.log import info_enabled
@@ -85,9 +86,32 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     return response
 
 
+# What aiohttp's parser decodes (it passes any other coding through undecoded, as if identity).
+CONTENT_CODINGS = frozenset({"identity", "gzip", "deflate", "br", "zstd"})
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request body, decoded per its Content-Encoding; 400 when that does not decode (an
+    unknown coding, bad gzip or deflate data, a broken chunked framing): never a 500."""
+    coding = request.headers.get("Content-Encoding", "").strip()
+    if coding and coding.lower() not in CONTENT_CODINGS:
+        shown = coding[:40] if coding.isascii() and coding.isprintable() else "(not ASCII)"
+        raise ApiError(400, f"unsupported Content-Encoding: {shown}")
+    try:
+        return await request.read()
+    except (web.RequestPayloadError, HttpProcessingError):
+        # The rest of the body cannot be read either, so the connection cannot carry another
+        # request: aiohttp closes it after this answer, and the client is told so.
+        raise ApiError(
+            400,
+            "request body cannot be read (bad Content-Encoding or framing)",
+            {"Connection": "close"},
+        ) from None
+
+
 async def read_json(request: web.Request, *, empty_ok: bool = True) -> Any:
     """The parsed JSON body; an absent or empty body is {} when empty_ok; 400 when not JSON."""
-    raw = await request.read()
+    raw = await read_body(request)
     if not raw.strip():
         if empty_ok:
             return {}

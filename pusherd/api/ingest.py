@@ -9,7 +9,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from pusherd.api.errors import ApiError, json_response
+from pusherd.api import routes
+from pusherd.api.errors import ApiError, json_response, read_body
 from pusherd.auth import bearer
 from pusherd.clock import parse_iso
 from pusherd.keys import RUNTIME
@@ -60,7 +61,11 @@ def _event(item: Any, known: Any, where: str) -> NewEvent:
     timestamp = item.get("timestamp")
     if timestamp is not None and (not isinstance(timestamp, str) or parse_iso(timestamp) is None):
         raise ApiError(400, f"{where}timestamp must be an ISO-8601 date-time string")
-    payload = orjson.dumps(item["payload"]).decode()
+    try:
+        payload = orjson.dumps(item["payload"]).decode()
+    except orjson.JSONEncodeError:
+        # orjson reads up to 1024 levels of nesting but writes only 254.
+        raise ApiError(400, f"{where}payload is nested too deeply") from None
     return NewEvent(org, name, payload, message_id, timestamp)
 
 
@@ -83,7 +88,7 @@ async def post_events(request: web.Request) -> web.Response:
         given = bearer(request) or ""
         if not hmac.compare_digest(given.encode(), expected.encode()):
             raise ApiError(401, "missing or invalid ingest token", {"WWW-Authenticate": "Bearer"})
-    raw = await request.read()
+    raw = await read_body(request)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -130,6 +135,6 @@ async def metrics(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     """Register the ingest routes."""
-    app.router.add_post("/events", post_events)
-    app.router.add_get("/healthz", healthz, allow_head=False)
-    app.router.add_get("/metrics", metrics, allow_head=False)
+    routes.add(app, "/events", {"POST": post_events})
+    routes.add(app, "/healthz", {"GET": healthz})
+    routes.add(app, "/metrics", {"GET": metrics})

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from pusherd.api import routes
 from pusherd.api import subscriptions as subs
 from pusherd.api.errors import ApiError, json_response, read_json
 from pusherd.clock import iso_ms, iso_or_none
@@ -398,18 +399,17 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    """Register the PayStell routes (fixed paths before the /{id}/... patterns)."""
+    """Register the PayStell routes (fixed paths before the /{id}/... patterns); GET and DELETE
+    never read a body."""
     base = "/api/webhooks"
-    r = app.router
-    r.add_get(base, list_all, allow_head=False)
-    r.add_post(base + "/register", register)
-    r.add_put(base + "/register", update)
-    r.add_get(base + "/register", get_one, allow_head=False)
-    r.add_delete(base + "/register", delete)
-    r.add_post(base + "/generate-secret", generate_secret)
-    r.add_post(base + "/test", test_all)
-    r.add_get(base + "/metrics", metrics, allow_head=False)
-    r.add_get(base + "/events/{eventId}", get_event, allow_head=False)
-    r.add_post(base + "/events/{eventId}/retry", retry_event)
-    r.add_post(base + "/{id}/test", test_one)
-    r.add_get(base + "/{id}/events", list_events, allow_head=False)
+    routes.add(app, base, {"GET": list_all})
+    routes.add(
+        app, base + "/register", {"POST": register, "PUT": update, "GET": get_one, "DELETE": delete}
+    )
+    routes.add(app, base + "/generate-secret", {"POST": generate_secret})
+    routes.add(app, base + "/test", {"POST": test_all})
+    routes.add(app, base + "/metrics", {"GET": metrics})
+    routes.add(app, base + "/events/{eventId}", {"GET": get_event})
+    routes.add(app, base + "/events/{eventId}/retry", {"POST": retry_event})
+    routes.add(app, base + "/{id}/test", {"POST": test_one})
+    routes.add(app, base + "/{id}/events", {"GET": list_events})

@@ -31,6 +31,7 @@ _EMAIL_RE = re.compile(
     r"^[^@\s\"(),:;<>\[\]\\]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?\.[A-Za-z0-9-]{2,}$"
 )
 EMAIL_MAX = 512
+DESTINATION_MAX = 2048
 WELCOME_PAYLOAD = orjson.dumps({"data": "payload"}).decode()
 
 
@@ -95,9 +96,14 @@ def parse_email(value: object, field: str = "contactEmail") -> str:
 async def parse_destination(
     value: object, config: DeliveryConfig, field: str = "destination"
 ) -> str:
-    """An absolute https URL (http with allow_http) not on a blocked network."""
+    """An absolute https URL (http with allow_http) of at most 2,048 characters, not on a blocked
+    network."""
     if not isinstance(value, str) or not value.strip():
         raise FieldError(field, f"{field} must be a non-empty URL")
+    if len(value) > DESTINATION_MAX:
+        # Checked before anything parses or resolves it, and before a cache keyed by destination
+        # could hold on to it.
+        raise FieldError(field, f"{field} must not exceed {DESTINATION_MAX} characters")
     try:
         await vet_destination(
             value,

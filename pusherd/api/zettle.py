@@ -6,6 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
+from pusherd.api import routes
 from pusherd.api import subscriptions as subs
 from pusherd.api.errors import ApiError, json_response, read_json
 from pusherd.auth import resolve_org
@@ -106,6 +107,16 @@ async def list_subscriptions(request: web.Request) -> web.Response:
     return json_response([to_json(s) for s in runtime.store.list_subscriptions(org)])
 
 
+async def get_subscription(request: web.Request) -> web.Response:
+    """GET one subscription (200 with it; 404 when the organization has none by that uuid)."""
+    runtime = request.app[RUNTIME]
+    org = resolve_org(request, request.match_info["organizationUuid"])
+    sub = runtime.store.get_subscription(org, _sub_uuid(request))
+    if sub is None:
+        raise ApiError(404, "no such subscription")
+    return json_response(to_json(sub))
+
+
 async def update_subscription(request: web.Request) -> web.Response:
     """PUT: partial update (200, empty body)."""
     runtime = request.app[RUNTIME]
@@ -165,9 +176,15 @@ async def delete_subscription(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    """Register the Zettle routes."""
-    base = "/organizations/{organizationUuid}/subscriptions"
-    app.router.add_post(base, create_subscription)
-    app.router.add_get(base, list_subscriptions, allow_head=False)
-    app.router.add_put(base + "/{subscriptionUuid}", update_subscription)
-    app.router.add_delete(base + "/{subscriptionUuid}", delete_subscription)
+    """Register the Zettle routes (with the `/subscriptions/uuid/{uuid}` alias, see routes.py).
+    GET and DELETE never read a body: clients send `[]`."""
+    routes.add(
+        app,
+        "/organizations/{organizationUuid}/subscriptions",
+        {"POST": create_subscription, "GET": list_subscriptions},
+    )
+    routes.add(
+        app,
+        routes.SUBSCRIPTION,
+        {"GET": get_subscription, "PUT": update_subscription, "DELETE": delete_subscription},
+    )

@@ -21,13 +21,21 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from pusherd.clock import now_ms
 from pusherd.config import DeliveryConfig
+from pusherd.delivery.origins import (
+    BREAKER_FIRST_PAUSE_S,
+    QUEUE_FACTOR,
+    Breaker,
+    Claims,
+    Limits,
+    Origin,
+    prune,
+)
 from pusherd.delivery.retry import Outcome, RetryPolicy
 from pusherd.delivery.sender import Exchange, Sender, origin_of, outcome_label
 from pusherd.log import info_enabled
@@ -41,10 +49,6 @@ log = structlog.get_logger("pusherd.delivery")
 POLL_S = 1.0
 NOTHING_DUE = 2**62  # a due time that never comes
 TARGETS_MAX_AGE_S = 5.0  # subscriptions are re-read at least this often (changes made elsewhere)
-QUEUE_FACTOR = 3  # claimed rows ready behind an origin's in-flight attempts, per slot
-BREAKER_THRESHOLD = 5
-BREAKER_FIRST_PAUSE_S = 30.0
-BREAKER_MAX_PAUSE_S = 600.0
 
 
 def owner_is_dead(owner: str) -> bool:
@@ -63,73 +67,6 @@ def owner_is_dead(owner: str) -> bool:
     except PermissionError:
         return False
     return False
-
-
-@dataclass
-class Breaker:
-    """Per-origin circuit breaker: open after 5 consecutive failures, 30s doubling to 10m."""
-
-    first_pause_s: float = BREAKER_FIRST_PAUSE_S
-    failures: int = 0
-    pause_s: float = BREAKER_FIRST_PAUSE_S
-    open_until: float = 0.0  # monotonic
-    probing: bool = False
-
-    def __post_init__(self) -> None:
-        self.pause_s = self.first_pause_s
-
-    def tripped(self) -> bool:
-        """Open or half-open: only a probe may go."""
-        return self.failures >= BREAKER_THRESHOLD
-
-    def paused(self, now: float) -> bool:
-        """Whether the pause itself is running."""
-        return self.tripped() and now < self.open_until
-
-    def record(self, success: bool, now: float) -> bool:
-        """Count an attempt's result; True when this opened the circuit."""
-        was_probe, self.probing = self.probing, False
-        if success:
-            self.failures, self.pause_s = 0, self.first_pause_s
-            return False
-        self.failures += 1
-        if was_probe:
-            self.pause_s = min(self.pause_s * 2, BREAKER_MAX_PAUSE_S)
-        if self.failures >= BREAKER_THRESHOLD:
-            self.open_until = now + self.pause_s
-            return True
-        return False
-
-
-@dataclass
-class Origin:
-    """Scheduling state of one destination origin."""
-
-    name: str
-    breaker: Breaker
-    in_flight: int = 0
-    promised: int = 0  # fresh deliveries an ingest is handing over (not committed yet)
-    sending: int = 0  # attempts started whose request is not on the wire yet
-    waiting: deque[ClaimedDelivery] = field(default_factory=deque)
-    subscriptions: list[str] = field(default_factory=list)
-    turn: int = 0  # round-robin start among its subscriptions
-    in_flight_gauge: Any = None  # this origin's children of the labelled gauges
-    circuit_gauge: Any = None
-
-    def room(self, per_destination: int, now: float) -> int:
-        """How many more rows to claim for it now."""
-        if self.breaker.tripped():
-            if self.breaker.paused(now) or self.breaker.probing or self.in_flight or self.waiting:
-                return 0
-            return 1  # the pause is over: one probe
-        if len(self.waiting) >= per_destination:
-            return 0  # enough ready: top up in batches, not one row per finished attempt
-        return self.free(per_destination)
-
-    def free(self, per_destination: int) -> int:
-        """Room left for rows in flight, ready, or being handed over."""
-        held = self.in_flight + len(self.waiting) + self.promised
-        return per_destination * (1 + QUEUE_FACTOR) - held
 
 
 class Taking:
@@ -157,6 +94,7 @@ class Taking:
             or d._stop.is_set()
             or quiet_until is None
             or quiet_until <= now_ms()
+            or not origin.proven  # claimed instead, within the share of unproven origins
             or origin.breaker.tripped()
             or origin.free(d.config.per_destination) <= 0
         ):
@@ -197,6 +135,7 @@ class Dispatcher:
         self.disable_after_ms = int(config.disable_after * 1000)
         self.breaker_pause_s = breaker_pause_s
         self._origins: dict[str, Origin] = {}
+        self._limits = Limits(config.per_destination, config.max_in_flight)
         self._targets_at = -TARGETS_MAX_AGE_S  # monotonic time of the last read
         self._held: set[int] = set()  # ids claimed by us: waiting, in flight or being recorded
         self._tasks: dict[int, asyncio.Task[None]] = {}
@@ -364,6 +303,7 @@ class Dispatcher:
                 origin = self._origin(destination)
                 origin.subscriptions.append(uuid)
                 self._sub_origin[uuid] = origin
+        self._forget_idle_origins()
 
     async def _cycle(self) -> float:
         """Claim for every origin with room; return how long to wait (0: go again now)."""
@@ -374,6 +314,7 @@ class Dispatcher:
             self._probed_all_at = now
             self._quiet.clear()
         budget = self.config.max_in_flight * (1 + QUEUE_FACTOR) - len(self._held)
+        claims = Claims(self._origins.values(), self._limits, budget, now)
         next_ms = wall_ms + int(POLL_S * 1000)
         wants: list[tuple[str, int]] = []
         for origin in self._origins.values():
@@ -381,7 +322,7 @@ class Dispatcher:
                 resume_ms = wall_ms + int((origin.breaker.open_until - now) * 1000) + 1
                 next_ms = min(next_ms, resume_ms)
                 continue
-            room = min(origin.room(self.config.per_destination, now), budget)
+            room = claims.room(origin)
             if room <= 0 or not origin.subscriptions:
                 continue
             due_subs = []
@@ -409,7 +350,7 @@ class Dispatcher:
                 n = min(share, room)
                 wants.append((due_subs[(origin.turn + i) % len(due_subs)], n))
                 room -= n
-                budget -= n
+                claims.take(origin, n)
         if wants:
             claimed = await self.store.claim(self.owner, wants, self.lease_ms)
             self._dispatch(claimed)
@@ -464,8 +405,10 @@ class Dispatcher:
                 if breaker.tripped():
                     if breaker.paused(now) or breaker.probing or origin.in_flight:
                         break
+                    if not origin.may_start(self.config.per_destination):
+                        break
                     breaker.probing = True  # the pause is over: this attempt is the probe
-                elif origin.in_flight >= self.config.per_destination:
+                elif not origin.may_start(self.config.per_destination):
                     break
                 self._start(origin, origin.waiting.popleft())
 
@@ -479,10 +422,16 @@ class Dispatcher:
             origin = self._origins[name] = Origin(
                 name,
                 Breaker(self.breaker_pause_s),
+                self._limits,
                 in_flight_gauge=self.metrics.in_flight.labels(origin=name),
                 circuit_gauge=self.metrics.circuit_open.labels(origin=name),
             )
         return origin
+
+    def _forget_idle_origins(self) -> None:
+        """Drop origins no subscription points at any more, with their metric series."""
+        for name in prune(self._origins):
+            self.metrics.forget_origin(name)
 
     def _start(self, origin: Origin, d: ClaimedDelivery) -> None:
         # On an idle connection the request is written right here, in the order rows are
@@ -491,7 +440,7 @@ class Dispatcher:
         exchange = self.sender.start(d)
         if exchange is None:
             origin.sending += 1
-        origin.in_flight += 1
+        origin.begin()
         self._in_flight += 1
         origin.in_flight_gauge.set(origin.in_flight)
         self._tasks[d.id] = asyncio.get_running_loop().create_task(
@@ -551,7 +500,7 @@ class Dispatcher:
                 return
             slot_freed = True
             on_sent()
-            origin.in_flight -= 1
+            origin.end()
             self._in_flight -= 1
             origin.in_flight_gauge.set(origin.in_flight)
             self._pump()
@@ -580,7 +529,7 @@ class Dispatcher:
         except Exception:
             log.exception("attempt_crashed", delivery_id=d.id)
             if origin.breaker.probing:  # a probe that never answered must not pin the circuit
-                origin.breaker.record(False, time.monotonic())
+                origin.record(False, time.monotonic())
         finally:
             self._tasks.pop(d.id, None)
             self._held.discard(d.id)
@@ -590,7 +539,7 @@ class Dispatcher:
     def _count(self, origin: Origin, outcome: Outcome) -> None:
         """Feed the breaker and the metrics with one attempt's outcome."""
         now = time.monotonic()
-        if origin.breaker.record(outcome.ok, now):
+        if origin.record(outcome.ok, now):
             log.warning(
                 "circuit_opened",
                 origin=origin.name,

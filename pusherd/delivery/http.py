@@ -2,14 +2,16 @@
 
 A delivery is one request whose answer we only need the status, `Retry-After` and the first KiB of
 the body of, so the client is small: a request is written with a single `transport.write` and the
-answer is read by httptools (llhttp, the parser of Node.js) in an `asyncio.Protocol`. Compared with
-aiohttp's ClientSession this costs about a third of the CPU per request, and because a request on
-an idle connection is written synchronously, the dispatcher decides the order requests leave in.
+answer is read in bounds by a `Connection` (`pusherd.delivery.connection`, httptools). Compared
+with aiohttp's ClientSession this costs about a third of the CPU per request, and because a
+request on an idle connection is written synchronously, the dispatcher decides the order requests
+leave in.
 
-Connections are opened only to vetted addresses (`GuardedResolver`, `check_connect_host`),
-redirects are never followed (an answer is an answer), TLS verifies certificates against the
-system store. An idle connection is reused for KEEPALIVE_S at most: receivers commonly close idle
-keep-alive connections after 5 s, and a request written into one that is closing is lost.
+Connections are opened only to vetted addresses (`GuardedResolver`, `check_connect_host`), racing
+the addresses of a name as RFC 8305 says; redirects are never followed (an answer is an answer),
+TLS verifies certificates against the system store. An idle connection is reused for KEEPALIVE_S at
+most, and a timer closes it then: receivers commonly close idle keep-alive connections after 5 s,
+and a request written into one that is closing is lost.
 """
 
 from __future__ import annotations
@@ -17,42 +19,39 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import cast
 
-import httptools
+import aiohappyeyeballs
+from aiohappyeyeballs import AddrInfoType as AddrInfo
+from aiohttp.abc import AbstractResolver
 from yarl import URL
 
+from pusherd.delivery.connection import (
+    BODY_KEEP,
+    Answer,
+    Connection,
+    ConnectionLostError,
+    PoolKey,
+    ProtocolError,
+)
 from pusherd.delivery.netguard import GuardedResolver, check_connect_host, looks_like_ip_literal
 
-BODY_KEEP = 1024  # bytes of the answer's body kept for the attempt log
+__all__ = [
+    "BODY_KEEP",
+    "Answer",
+    "Connection",
+    "ConnectionLostError",
+    "HttpClient",
+    "ProtocolError",
+    "Target",
+    "target",
+]
+
 KEEPALIVE_S = 4.0
+IDLE_SWEEP_MIN_S = 0.25  # the idle-close timer runs at most this often
+HAPPY_EYEBALLS_DELAY_S = 0.25  # RFC 8305 "Connection Attempt Delay"
 DNS_TTL_S = 10.0
-
-PoolKey = tuple[str, str, int]
-
-
-class ProtocolError(Exception):
-    """The destination's answer was not valid HTTP/1.x."""
-
-
-class ConnectionLostError(ConnectionError):
-    """The connection closed before an answer arrived."""
-
-    def __init__(self, before_answer: bool) -> None:
-        super().__init__("connection closed before the answer" if before_answer else "reset")
-        self.before_answer = before_answer  # not a byte of the answer arrived
-
-
-@dataclass(slots=True)
-class Answer:
-    """What a destination answered."""
-
-    status: int
-    retry_after: str | None
-    body: bytes  # at most BODY_KEEP bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,180 +89,37 @@ def target(url: str, user_agent: str) -> Target:
     return Target((u.scheme, host, port), host, port, u.scheme == "https", head)
 
 
-class Connection(asyncio.Protocol):
-    """One keep-alive connection; at most one exchange at a time."""
-
-    def __init__(self, key: PoolKey, loop: asyncio.AbstractEventLoop) -> None:
-        self.key = key
-        self.loop = loop
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        # As lenient as aiohttp's parser is with answers: bare LF line ends, a space before a
-        # header's colon or after a chunk size. Receivers like that processed the request.
-        self.parser.set_dangerous_leniencies(
-            lenient_headers=True,
-            lenient_optional_cr_before_lf=True,
-            lenient_spaces_after_chunk_size=True,
-        )
-        self.closed = False
-        self.reusable = False
-        self.reused = False  # has carried an exchange before this one
-        self.idle_since = 0.0
-        self.idle_for = 0.0  # how long it had been idle when this exchange took it
-        self.sent_at = 0.0  # loop time the current request was written
-        self._waiter: asyncio.Future[Answer] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._got_bytes = False
-        self._headers_done = False
-        self._status = 0
-        self._retry_after: str | None = None
-        self._body = b""
-
-    # -- asyncio.Protocol ----------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-
-    def data_received(self, data: bytes) -> None:
-        if self._waiter is None:
-            self.close()  # bytes nobody asked for: the connection is in an unknown state
-            return
-        self._got_bytes = True
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(ProtocolError(f"invalid HTTP answer: {exc}"))
-            self.close()
-
-    def eof_received(self) -> bool:
-        return False  # close our side too
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.reusable = False
-        if self._waiter is not None:
-            if self._headers_done:
-                # An answer without a length ends with the connection.
-                self._finish()
-            else:
-                self._fail(ConnectionLostError(before_answer=not self._got_bytes))
-
-    # -- httptools callbacks -------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        if self._waiter is None:
-            # The start of an answer nobody asked for, in the same read as the last one.
-            self.close()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"retry-after":
-            self._retry_after = value.decode("latin-1")
-
-    def on_headers_complete(self) -> None:
-        self._status = self.parser.get_status_code()
-        self._headers_done = True
-
-    def on_body(self, body: bytes) -> None:
-        if self._waiter is None:
-            return
-        if len(self._body) < BODY_KEEP:
-            self._body += body[: BODY_KEEP - len(self._body)]
-        elif body:
-            # More than we keep: not worth reading to the end to reuse the connection.
-            self._finish()
-            self.close()
-
-    def on_message_complete(self) -> None:
-        if self._waiter is None:
-            return
-        if self._status < 200:  # 1xx: the real answer follows
-            self._headers_done = False
-            self._retry_after = None
-            return
-        self.reusable = self.parser.should_keep_alive()
-        self._finish()
-
-    # -- one exchange ----------------------------------------------------------------------
-
-    def send(self, data: bytes, deadline: float) -> asyncio.Future[Answer]:
-        """Write one request now; the future gets the answer, or TimeoutError at deadline.
-
-        On a connection the peer has already closed nothing is written and the future fails
-        at once with ConnectionLostError.
-        """
-        assert self._waiter is None
-        waiter = self._waiter = self.loop.create_future()
-        self._got_bytes = self._headers_done = self.reusable = False
-        self._status, self._retry_after, self._body = 0, None, b""
-        if self.closed or self.transport is None or self.transport.is_closing():
-            self._fail(ConnectionLostError(before_answer=True))
-            return waiter
-        self._timer = self.loop.call_at(deadline, self._timed_out)
-        self.sent_at = self.loop.time()
-        self.transport.write(data)
-        return waiter
-
-    def _finish(self) -> None:
-        waiter, self._waiter = self._waiter, None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(Answer(self._status, self._retry_after, self._body))
-
-    def _fail(self, exc: BaseException) -> None:
-        waiter, self._waiter = self._waiter, None
-        self.reusable = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(exc)
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        self._fail(TimeoutError())
-        self.close()
-
-    def abandon(self) -> None:
-        """The exchange's waiter was cancelled: this connection cannot be trusted again."""
-        self._fail(asyncio.CancelledError())
-        self.close()
-
-    def close(self) -> None:
-        self.reusable = False
-        if self.transport is not None and not self.closed:
-            self.closed = True
-            self.transport.abort()
-
-
 class HttpClient:
     """Connections per origin (scheme, host, port); opens only to vetted addresses."""
 
     def __init__(
-        self, allow_private: bool, max_idle: int, tls: ssl.SSLContext | None = None
+        self,
+        allow_private: bool,
+        max_idle: int,
+        tls: ssl.SSLContext | None = None,
+        resolver: AbstractResolver | None = None,
     ) -> None:
         self.allow_private = allow_private
         self.max_idle = max_idle
-        self._resolver = GuardedResolver(allow_private=allow_private)
-        self._idle: dict[PoolKey, list[Connection]] = {}
+        # `resolver` replaces the system's (tests); its answers are vetted all the same.
+        self._resolver = GuardedResolver(allow_private=allow_private, inner=resolver)
+        self._idle: dict[PoolKey, list[Connection]] = {}  # oldest first, per origin
         self._idle_count = 0
-        self._dns: dict[tuple[str, int], tuple[float, list[tuple[str, int, int]]]] = {}
+        self._sweep: asyncio.TimerHandle | None = None
+        self._dns: dict[tuple[str, int], tuple[float, list[AddrInfo]]] = {}
         self._tls = tls  # default: the system's trust store, with host name checks
         self._closed = False
 
     def idle(self, t: Target) -> Connection | None:
         """A live idle connection to t's origin, if one is pooled (most recently used first)."""
         conns = self._idle.get(t.key)
-        if not conns:
-            return None
-        now = time.monotonic()
         while conns:
             conn = conns.pop()
             self._idle_count -= 1
-            if not conn.closed and now - conn.idle_since < KEEPALIVE_S:
+            idle_for = conn.loop.time() - conn.idle_since
+            if not conn.closed and idle_for < KEEPALIVE_S:
                 conn.reused = True
-                conn.idle_for = now - conn.idle_since
+                conn.idle_for = idle_for
                 return conn
             conn.close()
         return None
@@ -275,32 +131,56 @@ class HttpClient:
             return
         if self._idle_count >= self.max_idle:
             self._make_room()
-        conn.idle_since = time.monotonic()
-        self._idle.setdefault(conn.key, []).append(conn)
+        conn.idle_since = conn.loop.time()
+        conns = self._idle.get(conn.key)
+        if conns is None:
+            conns = self._idle[conn.key] = []
+        conns.append(conn)
         self._idle_count += 1
+        if self._sweep is None:
+            self._sweep = conn.loop.call_at(conn.idle_since + KEEPALIVE_S, self._close_expired)
 
-    def _make_room(self) -> None:
-        """Drop closed and expired idle connections; if none were, the longest idle one."""
-        now = time.monotonic()
-        oldest: Connection | None = None
+    def _close_expired(self) -> None:
+        """The idle timer: close what has been idle KEEPALIVE_S, wake again for the next one."""
+        self._sweep = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        next_due = self._drop_expired(now)
+        if next_due is not None and not self._closed:
+            self._sweep = loop.call_at(max(next_due, now + IDLE_SWEEP_MIN_S), self._close_expired)
+
+    def _drop_expired(self, now: float) -> float | None:
+        """Close pooled connections that are closed or expired; when the next one expires."""
+        next_due: float | None = None
         for key, conns in list(self._idle.items()):
-            live = [c for c in conns if not c.closed and now - c.idle_since < KEEPALIVE_S]
+            live: list[Connection] = []
             for c in conns:
-                if c not in live:
+                if c.closed or now - c.idle_since >= KEEPALIVE_S:
                     c.close()
+                else:
+                    live.append(c)
             self._idle_count -= len(conns) - len(live)
             if live:
                 self._idle[key] = live
-                if oldest is None or live[0].idle_since < oldest.idle_since:
-                    oldest = live[0]
+                due = live[0].idle_since + KEEPALIVE_S
+                if next_due is None or due < next_due:
+                    next_due = due
             else:
                 del self._idle[key]
-        if self._idle_count >= self.max_idle and oldest is not None:
-            self._idle[oldest.key].remove(oldest)
-            if not self._idle[oldest.key]:
-                del self._idle[oldest.key]
-            self._idle_count -= 1
-            oldest.close()
+        return next_due
+
+    def _make_room(self) -> None:
+        """Drop closed and expired idle connections; if none were, the longest idle one."""
+        if self._drop_expired(asyncio.get_running_loop().time()) is None:
+            return
+        if self._idle_count < self.max_idle:
+            return
+        oldest = min((conns[0] for conns in self._idle.values()), key=lambda c: c.idle_since)
+        self._idle[oldest.key].pop(0)
+        if not self._idle[oldest.key]:
+            del self._idle[oldest.key]
+        self._idle_count -= 1
+        oldest.close()
 
     async def connect(self, t: Target, timeout_s: float = 30.0) -> Connection:
         """Open a new connection to a vetted address of t within timeout_s (raises OSError,
@@ -308,51 +188,53 @@ class HttpClient:
         if self._closed:
             raise ConnectionError("client is closed")
         loop = asyncio.get_running_loop()
-        if t.literal:
-            check_connect_host(t.host, self.allow_private)
-            addresses = [(t.host, t.port, 0)]
-        else:
-            addresses = await self._resolve(t.host, t.port)
-        tls: ssl.SSLContext | None = None
-        if t.tls:
-            if self._tls is None:
-                self._tls = ssl.create_default_context()
-            tls = self._tls
-        last: OSError | None = None
-        deadline = loop.time() + timeout_s
-        for i, (host, port, family) in enumerate(addresses):
-            # An address that does not answer (a broken IPv6 route, say) must not use up the
-            # whole timeout: each gets an equal share of what is left.
-            share = (deadline - loop.time()) / (len(addresses) - i)
+        async with asyncio.timeout(timeout_s):
+            if t.literal:
+                check_connect_host(t.host, self.allow_private)
+                addresses = _numeric(t.host, t.port)
+            else:
+                addresses = await self._resolve(t.host, t.port)
+            tls: ssl.SSLContext | None = None
+            if t.tls:
+                if self._tls is None:
+                    self._tls = ssl.create_default_context()
+                tls = self._tls
+            # RFC 8305: the next address is tried 250 ms after the previous one without waiting
+            # for it to fail, so a black-holed address (a broken IPv6 route, say) costs 250 ms
+            # per new connection, not a share of the timeout.
+            sock = await aiohappyeyeballs.start_connection(
+                addresses, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY_S, interleave=1
+            )
             try:
-                async with asyncio.timeout(share):
-                    _, conn = await loop.create_connection(
-                        lambda: Connection(t.key, loop),
-                        host,
-                        port,
-                        family=family,
-                        ssl=tls,
-                        server_hostname=t.host.rstrip(".") if tls else None,
-                    )
-            except TimeoutError:
-                if i == len(addresses) - 1:
-                    raise
-                last = OSError(f"connect to {host} port {port} timed out")
-                continue
-            except OSError as exc:
-                last = exc
-                continue
-            return conn
-        assert last is not None
-        raise last
+                _, conn = await loop.create_connection(
+                    lambda: Connection(t.key, loop),
+                    sock=sock,
+                    ssl=tls,
+                    server_hostname=t.host.rstrip(".") if tls else None,
+                )
+            except BaseException:
+                sock.close()  # a no-op when the loop closed it already
+                raise
+        return conn
 
-    async def _resolve(self, host: str, port: int) -> list[tuple[str, int, int]]:
-        now = time.monotonic()
+    async def _resolve(self, host: str, port: int) -> list[AddrInfo]:
+        now = asyncio.get_running_loop().time()
         cached = self._dns.get((host, port))
         if cached is not None and cached[0] > now:
             return cached[1]
         results = await self._resolver.resolve(host, port, socket.AF_UNSPEC)
-        addresses = [(r["host"], r["port"], int(r["family"])) for r in results]
+        addresses: list[AddrInfo] = [
+            (
+                r["family"],
+                socket.SOCK_STREAM,
+                socket.IPPROTO_TCP,
+                "",
+                (r["host"], r["port"], 0, 0)
+                if r["family"] == socket.AF_INET6
+                else (r["host"], r["port"]),
+            )
+            for r in results
+        ]
         if len(self._dns) > 4096:
             self._dns.clear()
         self._dns[(host, port)] = (now + DNS_TTL_S, addresses)
@@ -361,9 +243,25 @@ class HttpClient:
     async def close(self) -> None:
         """Close every idle connection (in-flight ones close when their exchange ends)."""
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for conns in self._idle.values():
             for conn in conns:
                 conn.close()
         self._idle.clear()
         self._idle_count = 0
         await self._resolver.close()
+
+
+def _numeric(host: str, port: int) -> list[AddrInfo]:
+    """The address of an IP-literal host (no lookup: AI_NUMERICHOST never blocks)."""
+    return list(
+        socket.getaddrinfo(
+            host,
+            port,
+            type=socket.SOCK_STREAM,
+            proto=socket.IPPROTO_TCP,
+            flags=socket.AI_NUMERICHOST,
+        )
+    )

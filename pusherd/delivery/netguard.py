@@ -235,11 +235,12 @@ def check_connect_host(host: str, allow_private: bool) -> None:
 class GuardedResolver(AbstractResolver):
     """System resolver that drops blocked addresses, pinning connections to vetted ones."""
 
-    def __init__(self, allow_private: bool) -> None:
-        """Create the resolver; ``allow_private`` disables filtering."""
+    def __init__(self, allow_private: bool, inner: AbstractResolver | None = None) -> None:
+        """Create the resolver; ``allow_private`` disables filtering; ``inner`` replaces the
+        system resolver (its answers are filtered all the same)."""
         self._allow_private = allow_private
         # ThreadedResolver grabs the running loop in __init__, so build it on first use.
-        self._inner: aiohttp.ThreadedResolver | None = None
+        self._inner: AbstractResolver | None = inner
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET

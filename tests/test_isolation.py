@@ -1,0 +1,153 @@
+"""Destinations that never answer cannot starve healthy ones, and per-origin state does not
+outlive its subscriptions (SPEC §5 metrics, §6 Scheduling)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import ORG, Harness, Receiver
+from tests.test_metrics import origin, scrape
+
+HarnessFactory = Callable[..., Awaitable[Harness]]
+ReceiverFactory = Callable[..., Awaitable[Receiver]]
+
+
+class Silent:
+    """A raw loopback server that accepts connections, reads whatever comes and never answers."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+        self.handlers: set[asyncio.Task[Any]] = set()
+        self.url = ""
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/hook"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
+        self.connections += 1
+        self.writers.append(writer)
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                pass
+        writer.close()
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in self.writers:
+            w.close()
+        if self.handlers:
+            await asyncio.wait(self.handlers, timeout=5)
+
+
+@pytest.fixture
+async def silent_factory() -> AsyncIterator[Callable[[], Awaitable[Silent]]]:
+    servers: list[Silent] = []
+
+    async def make() -> Silent:
+        s = Silent()
+        await s.start()
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        await s.close()
+
+
+async def test_fifty_silent_destinations_do_not_delay_a_healthy_one(
+    silent_factory: Callable[[], Awaitable[Silent]],
+    harness_factory: HarnessFactory,
+    receiver_factory: ReceiverFactory,
+) -> None:
+    # Default max_in_flight (256) and per_destination (8): 50 origins x 8 would take 400 slots.
+    h = await harness_factory(delivery={"timeout": "10s"})
+    token = h.token()
+    dead = [await silent_factory() for _ in range(50)]
+    for s in dead:
+        await h.subscribe(token, s.url)
+    healthy = await receiver_factory()
+    await h.subscribe(token, healthy.url)  # last: the origin table's least favoured place
+    await healthy.wait_for(1, "TestMessage", timeout=4)
+
+    start = time.monotonic()
+    batch = [
+        {"eventName": "ProductCreated", "organizationUuid": ORG, "payload": i} for i in range(100)
+    ]
+    resp = await h.ingest.post("/events", json=batch)
+    assert resp.status == 202
+    assert {a["deliveries"] for a in await resp.json()} == {51}  # a backlog at every origin
+    await healthy.wait_for(100, "ProductCreated", timeout=4)
+    assert time.monotonic() - start < 4  # well before any silent attempt times out (10s)
+
+    m = await scrape(h)
+    timeouts = m[("pusherd_delivery_attempts_total", (("outcome", "timeout"),))]
+    assert timeouts == 0, "a timeout was observed: the test ran too slowly to mean anything"
+    # Origins not proven healthy hold one attempt each (slow start), half of max_in_flight at most.
+    assert all(s.connections <= 1 for s in dead), [s.connections for s in dead]
+    held = sum(m[("pusherd_destination_in_flight", (("origin", origin(s.url)),))] for s in dead)
+    assert held <= 50
+
+
+@contextlib.contextmanager
+def refusing_ports(n: int) -> Iterator[list[int]]:
+    """n loopback ports that are bound by this test and refuse every connection (no listen)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        yield [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+async def test_origin_state_is_freed_when_its_subscriptions_are_deleted(
+    harness: Harness, receiver: Receiver
+) -> None:
+    token = harness.token()
+    kept = await harness.subscribe(token, receiver.url)
+    with refusing_ports(300) as ports:
+        subs = []
+        for port in ports:
+            subs.append(await harness.subscribe(token, f"http://127.0.0.1:{port}/hook"))
+        for sub in subs:
+            resp = await harness.api.delete(
+                f"/organizations/self/subscriptions/{sub['uuid']}", headers=harness.auth(token)
+            )
+            assert resp.status == 204
+
+        def series(m: dict[Any, float]) -> set[str]:
+            return {
+                dict(labels)["origin"]
+                for name, labels in m
+                if name in ("pusherd_destination_in_flight", "pusherd_circuit_open")
+            }
+
+        deadline = time.monotonic() + 15
+        while len(series(await scrape(harness))) > 1:
+            assert time.monotonic() < deadline, f"{len(series(await scrape(harness)))} series left"
+            await asyncio.sleep(0.05)
+    assert series(await scrape(harness)) == {origin(kept["destination"])}
+    dispatcher = harness.runtime.dispatcher
+    assert len(dispatcher._origins) == 1  # the claim cycle walks only live ones
+    # Nothing in flight: the shares' counts came back to zero through every change of tier.
+    assert (dispatcher._limits.unproven, dispatcher._limits.failing) == (0, 0)
+    await harness.emit()
+    await receiver.wait_for(1, "ProductCreated")
