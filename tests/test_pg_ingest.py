@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
@@ -14,6 +14,7 @@ from pusherd.store import StoreError
 from pusherd.store.postgres.ingest import EventIn, GroupWriter
 from pusherd.store.postgres.migrate import migrate_url
 from pusherd.store.postgres.pool import Pool
+from tests.pg import PgServer, launch_or_skip
 
 ORG = "5a0b9c1e-1d2f-4a3b-8c4d-111111111111"
 SUB = "11111111-1111-4111-8111-111111111111"
@@ -112,3 +113,60 @@ async def test_every_request_of_a_failed_group_gets_the_error(pool: Pool) -> Non
         *(writer.write([event(f"f{i}")]) for i in range(5)), return_exceptions=True
     )
     assert all(isinstance(r, StoreError) for r in results)
+
+
+@pytest.fixture
+def own_server() -> Iterator[PgServer]:
+    """A server of this test's own, to restart without disturbing the others."""
+    server = launch_or_skip()
+    yield server
+    server.cleanup()
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+async def test_a_database_restart_mid_ingest_loses_nothing_acknowledged(
+    own_server: PgServer, mode: str
+) -> None:
+    url = own_server.url()
+    await migrate_url(url)
+    pool = Pool(url, max_size=4)
+    await pool.open()
+    writer = GroupWriter(pool)
+    acknowledged: list[str] = []
+    refused: list[BaseException] = []
+    stop = asyncio.Event()
+
+    async def producer(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            mid = f"p{n}-{i}"
+            i += 1
+            try:
+                [out] = await writer.write([event(mid)])
+            except StoreError as exc:  # what ingest turns into 503
+                refused.append(exc)
+                await asyncio.sleep(0.01)  # a producer's retry pause, not synchronisation
+                continue
+            assert out.message_id == mid
+            acknowledged.append(mid)
+
+    producers = [asyncio.create_task(producer(n)) for n in range(16)]
+    try:
+        await until_count(acknowledged, 200)
+        await asyncio.to_thread(own_server.restart, mode)
+        after = len(acknowledged)
+        await until_count(acknowledged, after + 200)  # ingest resumed by itself
+    finally:
+        stop.set()
+        await asyncio.gather(*producers)
+    assert refused  # the outage was seen, as StoreError only (anything else fails a producer)
+    stored = {r[0] for r in await pool.fetch("SELECT message_id FROM events")}
+    assert set(acknowledged) <= stored
+    await pool.close()
+
+
+async def until_count(items: list[str], n: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(items) < n:
+        assert time.monotonic() < deadline, f"only {len(items)} of {n}"
+        await asyncio.sleep(0.01)

@@ -33,6 +33,10 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,  # 57P: shutting down, starting up, terminated
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.InterfaceError,  # the connection was closed under us
+    # The driver lost track of the connection's protocol state: seen when the server's
+    # "terminating connection" arrives as a statement starts (a restart). The connection is
+    # dropped (see Pool._connection), so the next statement gets a fresh one.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
@@ -93,24 +97,37 @@ class Pool:
             raise StoreError("database is not open")
         return self._pool
 
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+        """A pooled connection, dropped instead of reused when a statement on it failed for
+        any reason but a plain SQL error: its state is then unknown, and asyncpg's release
+        (without the reset query) would hand it to the next statement as it is."""
+        with translated():
+            async with self.pool.acquire() as conn:
+                try:
+                    yield conn
+                except BaseException as exc:
+                    if not isinstance(exc, asyncpg.PostgresError) or isinstance(exc, UNAVAILABLE):
+                        conn.terminate()
+                    raise
+
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         """Rows of one autocommit statement."""
-        with translated():
-            return list(await self.pool.fetch(sql, *args))
+        async with self._connection() as conn:
+            return list(await conn.fetch(sql, *args))
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         """The first column of the first row of one autocommit statement."""
-        with translated():
-            return await self.pool.fetchval(sql, *args)
+        async with self._connection() as conn:
+            return await conn.fetchval(sql, *args)
 
     async def execute(self, sql: str, *args: Any) -> str:
         """One autocommit statement; its status tag ("UPDATE 3")."""
-        with translated():
-            return await self.pool.execute(sql, *args)
+        async with self._connection() as conn:
+            return await conn.execute(sql, *args)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
         """A connection inside BEGIN … COMMIT (ROLLBACK on error)."""
-        with translated():
-            async with self.pool.acquire() as conn, conn.transaction():
-                yield conn
+        async with self._connection() as conn, conn.transaction():
+            yield conn
