@@ -7,7 +7,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.pg import TEMPLATE, PgServer, launch_or_skip
+from tests.pg import PgServer, launch_or_skip
 
 
 async def test_connects_to_a_real_server_with_durable_commits(pg_url: str) -> None:
@@ -40,13 +40,9 @@ async def test_each_test_gets_a_fresh_empty_database(
         await conn.execute("INSERT INTO leftover VALUES ($1)", marker)
     finally:
         await conn.close()
-    # The template stays clean, so every later test starts from the same state.
-    assert (
-        pg_server.psql(
-            TEMPLATE, "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
-        ).strip()
-        == "0"
-    )
+    # Nothing connects to the template itself: CREATE DATABASE refuses a template that has
+    # sessions, and a session's backend outlives its client by a moment. That the template
+    # stays clean shows in the second run of this test finding no table.
 
 
 def test_databases_are_dropped_after_their_test(pg_server: PgServer, pg_database: str) -> None:
