@@ -92,7 +92,9 @@ class Listener:
 
     async def _listen(self) -> None:
         self._lost.clear()
-        conn = await asyncpg.connect(self.url, timeout=self.ping_s)
+        conn = await asyncpg.connect(
+            self.url, timeout=self.ping_s, server_settings={"application_name": "pusherd-listen"}
+        )
         try:
             conn.add_termination_listener(lambda _conn: self._lost.set())
             for channel in self.handlers:
