@@ -104,6 +104,7 @@ class IngestConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     path: str = "pusherd.sqlite3"
+    url: str = ""  # postgresql://...: PostgreSQL instead of path (SPEC §8)
     retention: float = 30 * 86400.0
 
 
@@ -244,7 +245,11 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, tuple[str, Any]]]] = {
     ),
     "storage": (
         StorageConfig,
-        {"path": ("path", _string), "retention": ("retention", _positive_duration)},
+        {
+            "path": ("path", _string),
+            "url": ("url", _string),
+            "retention": ("retention", _positive_duration),
+        },
     ),
     "delivery": (
         DeliveryConfig,

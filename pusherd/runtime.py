@@ -55,7 +55,7 @@ class Runtime:
     async def start(self, *, dispatch: bool = True) -> None:
         """Open the store, the HTTP client and start the dispatcher and the retention purge."""
         cfg = self.config
-        self._store = await open_store(cfg.storage)
+        self._store = await open_store(cfg.storage, per_destination=cfg.delivery.per_destination)
         d = cfg.delivery
         self._client = HttpClient(d.allow_private_destinations, max_idle=d.max_in_flight)
         sender = Sender(self._client, d.timeout)

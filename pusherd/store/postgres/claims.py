@@ -17,9 +17,11 @@ from typing import Any
 
 import asyncpg
 
-Executor = asyncpg.Connection | asyncpg.Pool | asyncpg.pool.PoolConnectionProxy
+from pusherd.store.postgres.pool import Pool
 
-_CLAIM = "SELECT * FROM pusherd_claim($1, $2, $3, $4, $5, $6, $7, $8)"
+Executor = asyncpg.Connection | asyncpg.Pool | asyncpg.pool.PoolConnectionProxy | Pool
+
+_CLAIM = "SELECT * FROM pusherd_claim($1, $2, $3, $4, $5, $6, $7, $8, $9)"
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ async def claim(
     per_destination: int,
     now_ms: int | None,
     lease_ms: int,
+    default_total: int | None = None,
 ) -> Claimed:
     """Lease due deliveries (see pusherd_claim) in one round trip; now_ms None: by the
     database's clock, which every process shares (what a deployment on several machines uses)."""
@@ -54,19 +57,22 @@ async def claim(
         per_destination,
         now_ms,
         lease_ms,
+        default_total,
     )
     summary = rows[-1]  # always last, id NULL
     next_due = summary["next_due_ms"]
     return Claimed(rows[:-1], bool(summary["more"]), None if next_due is None else int(next_due))
 
 
-# Many outcomes in one statement (a group commit of the record path: one fsync for all). Only
-# the holder of the current lease (its owner AND its token: should a database crash ever hand a
-# token out twice, the owner still differs) moves a row on; a stale owner's row is not in `done` and
-# nothing is written for it, not even an attempt the new owner's outcome supersedes. All parts
-# see one snapshot, in which the rows are still leased: a queue's next due time is taken over
-# the subscription's rows not finished here, and the retry times of those that are. Queue rows
-# are locked in subscription order first, so that two concurrent finishes cannot deadlock.
+# Many outcomes in one statement (a group commit of the record path: one fsync for all). Only the
+# holder of the current lease (its owner AND its token: should a database crash ever hand a token
+# out twice, the owner still differs; a NULL token, for a row leased at ingest where no claim gave
+# one, is fenced by the owner alone, which is unique per process run) moves a row on; a stale
+# owner's row is not in `done` and nothing is written for it, not even an attempt the new owner's
+# outcome supersedes. All parts see one snapshot, in which the rows are still leased: a queue's next
+# due time is taken over the subscription's rows not finished here, and the retry times of those
+# that are. Queue rows are locked in subscription order first, so that two concurrent finishes
+# cannot deadlock.
 _FINISH = """
 WITH args AS (
     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::integer[], $5::bigint[],
@@ -79,7 +85,7 @@ WITH args AS (
         last_attempt_ms = a.at_ms, last_status_code = a.code, last_error = a.error,
         lease_owner = NULL, lease_token = NULL, lease_until_ms = NULL
     FROM args a
-    WHERE d.id = a.id AND d.lease_token = a.token AND d.lease_owner = $11
+    WHERE d.id = a.id AND (a.token IS NULL OR d.lease_token = a.token) AND d.lease_owner = $11
         AND d.status = 'pending'
     RETURNING d.id, d.subscription, a.status, a.next_ms
 ), logged AS (
@@ -119,7 +125,7 @@ class Outcome:
 
 
 async def finish_many(
-    db: Executor, owner: str, outcomes: Sequence[tuple[int, int, Outcome]]
+    db: Executor, owner: str, outcomes: Sequence[tuple[int, int | None, Outcome]]
 ) -> set[int]:
     """Record owner's attempts, (delivery id, lease token, outcome), in one statement; the ids
     whose lease it still held (the others changed nothing)."""

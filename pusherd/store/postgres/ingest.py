@@ -19,9 +19,13 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import asyncpg
+
 from pusherd.clock import iso_ms, now_ms
 from pusherd.store.ids import IdSource
 from pusherd.store.postgres.pool import Pool
+
+Executor = Pool | asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 WAKE_CHANNEL = "pusherd_wake"
 
@@ -47,7 +51,7 @@ WITH new_events AS (
     WHERE subscription IN (SELECT subscription FROM new_deliveries)
         AND (next_due_ms IS NULL OR next_due_ms > $7)
 ), woke AS (
-    SELECT pg_notify('pusherd_wake', '') FROM (SELECT 1 FROM new_deliveries LIMIT 1) one
+    SELECT pg_notify('pusherd_wake', $11::text) FROM (SELECT 1 FROM new_deliveries LIMIT 1) one
 )
 -- w.n is selected so that the planner cannot drop the join, and with it the NOTIFY.
 SELECT e.organization, e.message_id, e.seq, d.id, d.subscription, w.n
@@ -97,9 +101,11 @@ class _Group:
 class GroupWriter:
     """Collects concurrent ingests into groups, each written by one statement."""
 
-    def __init__(self, pool: Pool, ids: IdSource | None = None) -> None:
+    def __init__(self, pool: Pool, ids: IdSource | None = None, sender: str = "") -> None:
         self.pool = pool
         self.ids = ids or IdSource()
+        # The wake-up's payload: the process that sent it (it has woken its own dispatcher).
+        self.sender = sender
         self.groups_written = 0
         self._open: _Group | None = None  # the group new requests join
         self._slots = asyncio.Semaphore(pool.max_size)
@@ -126,6 +132,12 @@ class GroupWriter:
         results = await asyncio.shield(group.done)
         return results[first : first + len(events)]
 
+    async def write_now(self, db: Executor, events: Sequence[EventIn]) -> list[EventOut]:
+        """Store events with one statement on db now (inside the caller's transaction: a
+        subscription's welcome message commits with the subscription)."""
+        items = [(e, self.ids.uuid1(), e.message_id or self.ids.uuid7()) for e in events]
+        return await self._write(items, db)
+
     async def _flush(self, group: _Group) -> None:
         assert group.done is not None
         async with self._slots:
@@ -140,7 +152,10 @@ class GroupWriter:
             self.groups_written += 1
             group.done.set_result(results)
 
-    async def _write(self, items: list[tuple[EventIn, str, str]]) -> list[EventOut]:
+    async def _write(
+        self, items: list[tuple[EventIn, str, str]], db: Executor | None = None
+    ) -> list[EventOut]:
+        db = self.pool if db is None else db
         now = now_ms()
         now_iso = iso_ms(now)
         first_of: dict[tuple[str, str], int] = {}
@@ -156,7 +171,7 @@ class GroupWriter:
                 k_col.append(k)
                 s_col.append(sub)
                 g_col.append(origin)
-        rows = await self.pool.fetch(
+        rows = await db.fetch(
             _INSERT,
             [items[i][1] for i in fresh],
             [items[i][0].organization for i in fresh],
@@ -168,6 +183,7 @@ class GroupWriter:
             k_col,
             s_col,
             g_col,
+            self.sender,
         )
         stored: dict[tuple[str, str], list[int]] = {}
         for org, mid, _seq, delivery_id, _sub, _woke in rows:
@@ -179,7 +195,7 @@ class GroupWriter:
         ]
         originals: dict[tuple[str, str], tuple[str, int]] = {}
         if missing:
-            for org, mid, uuid, count in await self.pool.fetch(
+            for org, mid, uuid, count in await db.fetch(
                 _ORIGINALS, [o for o, _ in missing], [m for _, m in missing]
             ):
                 originals[(org, mid)] = (uuid, int(count))

@@ -145,7 +145,8 @@ CREATE FUNCTION pusherd_claim(
     p_budget integer,           -- at most this many in all (the process's free slots)
     p_per_destination integer,  -- live leases per origin, all processes together
     p_now bigint,               -- NULL: the database's clock (see below)
-    p_lease_ms bigint
+    p_lease_ms bigint,
+    p_default_total integer DEFAULT NULL  -- at most this many for the origins not named, together
 ) RETURNS TABLE (
     id bigint, lease_token bigint, subscription text, attempts integer, schedule_pos integer,
     organization text, message_uuid text, event_name text, message_id text, payload text,
@@ -160,6 +161,10 @@ DECLARE
     v_allow integer;
     v_origins text[] := '{}';
     v_allows integer[] := '{}';
+    v_shares integer[] := '{}';
+    v_due integer;
+    v_named boolean;
+    v_unnamed integer := p_default_total;  -- NULL: no total for the origins not named
     v_i integer;
     v_queues integer;
     v_share integer;
@@ -176,14 +181,20 @@ BEGIN
     IF p_budget <= 0 THEN
         v_scan := 0;
     END IF;
-    FOR v_origin IN
-        SELECT DISTINCT due.origin FROM (
+    FOR v_origin, v_due IN
+        SELECT due.origin, count(*) FROM (
             SELECT q.origin FROM queues q WHERE q.next_due_ms <= p_now
             ORDER BY q.next_due_ms LIMIT v_scan
-        ) due ORDER BY due.origin  -- one order for every process's locks
+        ) due GROUP BY due.origin ORDER BY due.origin  -- one order for every process's locks
     LOOP
+        v_named := array_position(p_room_origins, v_origin) IS NOT NULL;
         v_allow := coalesce(
             p_room_counts[array_position(p_room_origins, v_origin)], p_default_room);
+        IF NOT v_named AND v_unnamed IS NOT NULL THEN
+            -- Shared in origin order (the lock order), not due order as on SQLite.
+            v_allow := least(v_allow, v_unnamed);
+        END IF;
+        v_allow := least(v_allow, p_budget);
         CONTINUE WHEN v_allow <= 0;
         IF NOT pg_try_advisory_xact_lock(hashtextextended('pusherd.origin:' || v_origin, 0)) THEN
             v_more := true;
@@ -196,6 +207,11 @@ BEGIN
         IF v_allow > 0 THEN
             v_origins := v_origins || v_origin;
             v_allows := v_allows || v_allow;
+            -- The origin's room is shared among its due queues, as on SQLite.
+            v_shares := v_shares || ceil(v_allow::numeric / v_due)::integer;
+            IF NOT v_named AND v_unnamed IS NOT NULL THEN
+                v_unnamed := v_unnamed - v_allow;
+            END IF;
         END IF;
     END LOOP;
     SELECT count(*) INTO v_queues FROM (
@@ -210,7 +226,7 @@ BEGIN
         FOR UPDATE SKIP LOCKED
     LOOP
         v_i := array_position(v_origins, v_origin);
-        v_left := least(v_allows[v_i], p_budget, v_share);
+        v_left := least(v_allows[v_i], p_budget, v_share, v_shares[v_i]);
         IF v_left <= 0 THEN
             v_more := true;
             CONTINUE;
