@@ -1,4 +1,4 @@
-"""The pusherd command line: serve, token, emit, replay, backup, check-config."""
+"""The pusherd command line: serve, token, emit, replay, backup, copy-storage, check-config."""
 
 from __future__ import annotations
 
@@ -334,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("dest", metavar="DEST_FILE")
     p.set_defaults(func=_lazy("pusherd.ops", "cmd_backup"))
+
+    p = sub.add_parser("copy-storage", help="copy the SQLite database into empty PostgreSQL")
+    _add_config(p)
+    p.add_argument("--to", required=True, metavar="URL", help="postgresql://user@host/dbname")
+    p.set_defaults(func=_lazy("pusherd.ops", "cmd_copy_storage"))
 
     p = sub.add_parser("check-config", help="validate and print the effective config")
     _add_config(p)
