@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+from aiohttp import web
 
 from tests.conftest import ALL_SCOPES, ORG, Receiver
 from tests.service import Service, run_cli_async, start_service
@@ -100,3 +101,59 @@ async def test_a_subscription_made_through_one_process_gets_events_ingested_by_a
             assert resp.status == 200 and (await resp.json())["messageUuid"] == original
         assert await asyncio.to_thread(first.stop) == 0
         assert await asyncio.to_thread(second.stop) == 0
+
+
+async def test_deliveries_leased_by_a_killed_process_are_delivered_by_another(
+    tmp_path: Path, pg_url: str, receiver: Receiver
+) -> None:
+    configs = []
+    for name in ("one", "two"):
+        config = config_with_url(tmp_path / f"{name}.toml", tmp_path / f"{name}.sqlite3", pg_url)
+        text = config.read_text().replace("[delivery]\n", '[delivery]\nlease = "2s"\n', 1)
+        config.write_text(text)
+        configs.append((config, text))
+    scopes = [arg for scope in ALL_SCOPES for arg in ("--scope", scope)]
+    code, token, err = await run_cli_async(
+        "token", "create", "--config", str(configs[0][0]), "--org", ORG, *scopes
+    )
+    assert code == 0, err
+    auth = {"Authorization": f"Bearer {token.strip()}"}
+    answer = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.StreamResponse:
+        await answer.wait()  # the first process's attempts never finish
+        return web.Response(status=200)
+
+    receiver.statuses = [hang] * 100  # the welcome message's attempt too
+    mids = [f"k-{i}" for i in range(3)]
+    async with aiohttp.ClientSession() as session:
+        async with serving(*configs[0]) as first:
+            body = {
+                "uuid": SUB,
+                "transportName": "WEBHOOK",
+                "eventNames": ["ProductCreated"],
+                "destination": receiver.url,
+                "contactEmail": "ops@example.com",
+            }
+            url = first.api + "/organizations/self/subscriptions"
+            async with session.post(url, json=body, headers=auth) as resp:
+                assert resp.status == 200, await resp.text()
+            for mid in mids:
+                event = {
+                    "eventName": "ProductCreated",
+                    "organizationUuid": ORG,
+                    "payload": {},
+                    "messageId": mid,
+                }
+                async with session.post(first.ingest + "/events", json=event) as resp:
+                    assert resp.status == 202, await resp.text()
+            await receiver.wait_for(3, "ProductCreated", timeout=10)  # all leased and in flight
+            first.proc.kill()  # kill -9: no shutdown, the leases stay in the database
+            await asyncio.to_thread(first.proc.wait, 10)
+            receiver.statuses.clear()  # from now on the receiver answers 200 at once
+        async with serving(*configs[1]) as second:
+            await receiver.wait_for(6, "ProductCreated", timeout=15)
+            retaken = [e["messageId"] for e in receiver.events("ProductCreated")[3:]]
+            assert sorted(retaken) == mids
+            assert await asyncio.to_thread(second.stop) == 0
+    answer.set()
