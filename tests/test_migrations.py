@@ -60,6 +60,49 @@ def test_step_by_step_equals_fresh(tmp_path: Path) -> None:
     stepped.close()
 
 
+def test_the_queues_of_an_older_file_are_filled_when_it_is_migrated(tmp_path: Path) -> None:
+    conn = _plain(tmp_path / "old.sqlite3")
+    configure(conn)
+    migrate(conn, target=2)
+    for uuid, status, deleted, destination in [
+        ("live", "ACTIVE", None, "https://Live.example/hook"),
+        ("idle", "FAILING", None, "http://idle.example:8080/x"),
+        ("off", "DISABLED", None, "https://off.example/"),
+        ("gone", "ACTIVE", 5, "https://gone.example/"),
+    ]:
+        conn.execute(
+            "INSERT INTO subscriptions (uuid, organization, transport, event_names, scopes,"
+            " destination, status, signing_key, created_ms, updated_ms, deleted_ms)"
+            " VALUES (?, 'org', 'WEBHOOK', '[]', '[]', ?, ?, 'k', 1, 1, ?)",
+            (uuid, destination, status, deleted),
+        )
+    conn.execute(
+        "INSERT INTO events (uuid, organization, event_name, message_id, payload, timestamp,"
+        " created_ms) VALUES ('e', 'org', 'ProductCreated', 'm', '{}', 't', 1)"
+    )
+    for sub, status, due in [
+        ("live", "pending", 300),
+        ("live", "pending", 200),
+        ("live", "delivered", 100),
+        ("idle", "failed", 100),
+        ("off", "pending", 100),
+    ]:
+        conn.execute(
+            "INSERT INTO deliveries (event_seq, subscription, status, due_ms, created_ms)"
+            " VALUES (1, ?, ?, ?, 1)",
+            (sub, status, due),
+        )
+    assert migrate(conn) == latest_version()
+    rows = conn.execute(
+        "SELECT subscription, origin, next_due_ms FROM queues ORDER BY 1"
+    ).fetchall()
+    assert rows == [
+        ("idle", "http://idle.example:8080", None),
+        ("live", "https://live.example:443", 200),
+    ]
+    conn.close()
+
+
 def test_migrate_is_idempotent(tmp_path: Path) -> None:
     conn = connect_sync(tmp_path / "db.sqlite3")
     before = _schema(conn)

@@ -273,6 +273,7 @@ class IngestGroup:
     matchers: list[Matcher] = field(default_factory=list)
     written: asyncio.Future[list[IngestResult]] | None = None
     handed: list[ClaimedDelivery] = field(default_factory=list)  # leased to the taker
+    taker: Taker | None = None  # the taker asked inside the write (it gets them after commit)
 
 
 class EventStore:
@@ -318,8 +319,8 @@ class EventStore:
                     self.ingest_group = None
                 if done.cancelled() or done.exception() is not None:
                     return  # retrieved: each request has its own copy via shield
-                if group.handed and self.taker is not None:
-                    self.taker.taken(group.handed)
+                if group.handed and group.taker is not None:
+                    group.taker.taken(group.handed)
                 if any(r.deliveries and not r.duplicate for r in done.result()):
                     self.changes.announce(_QUEUED)  # once per group commit
 
@@ -344,7 +345,8 @@ class EventStore:
             wanted = [t for t in subs if matches(f.event.event_name, t.event_names, t.scopes)]
             f.subscriptions = [t.uuid for t in wanted]
         # The taker's room is read here, at the write, as data: what it can take right now.
-        handover = self.taker.handover() if self.taker is not None else None
+        group.taker = self.taker
+        handover = group.taker.handover() if group.taker is not None else None
         return insert_events(conn, self.ids, group.fanouts, now_ms(), handover, group.handed)
 
     async def send_to(self, event: NewEvent, subscriptions: Sequence[str]) -> IngestResult:
