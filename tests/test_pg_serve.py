@@ -11,6 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from tests.conftest import ALL_SCOPES, ORG, Receiver
+from tests.pg import PgServer
 from tests.service import Service, run_cli_async, start_service
 from tests.test_pg_cli import config_with_url
 
@@ -157,3 +158,62 @@ async def test_deliveries_leased_by_a_killed_process_are_delivered_by_another(
             assert sorted(retaken) == mids
             assert await asyncio.to_thread(second.stop) == 0
     answer.set()
+
+
+async def test_a_database_restart_mid_ingest_loses_nothing_acknowledged(
+    tmp_path: Path, pg_server: PgServer, pg_url: str, receiver: Receiver
+) -> None:
+    config = config_with_url(tmp_path / "one.toml", tmp_path / "one.sqlite3", pg_url)
+    scopes = [arg for scope in ALL_SCOPES for arg in ("--scope", scope)]
+    code, token, err = await run_cli_async(
+        "token", "create", "--config", str(config), "--org", ORG, *scopes
+    )
+    assert code == 0, err
+    auth = {"Authorization": f"Bearer {token.strip()}"}
+    acked: list[str] = []
+    statuses: set[int] = set()
+    stop = asyncio.Event()
+
+    async def load(session: aiohttp.ClientSession, url: str) -> None:
+        n = 0
+        while not stop.is_set():
+            mid = f"r-{n}"
+            n += 1
+            event = {"eventName": "ProductCreated", "organizationUuid": ORG, "messageId": mid}
+            try:
+                async with session.post(url, json={**event, "payload": {}}) as resp:
+                    statuses.add(resp.status)
+                    if resp.status == 202:
+                        acked.append(mid)
+            except aiohttp.ClientError:
+                statuses.add(0)
+
+    async with serving(config, config.read_text()) as svc, aiohttp.ClientSession() as session:
+        body = {
+            "uuid": SUB,
+            "transportName": "WEBHOOK",
+            "eventNames": ["ProductCreated"],
+            "destination": receiver.url,
+            "contactEmail": "ops@example.com",
+        }
+        url = svc.api + "/organizations/self/subscriptions"
+        async with session.post(url, json=body, headers=auth) as resp:
+            assert resp.status == 200, await resp.text()
+        loader = asyncio.create_task(load(session, svc.ingest + "/events"))
+        deadline = asyncio.get_running_loop().time() + 20
+        while len(acked) < 50:
+            assert asyncio.get_running_loop().time() < deadline and not loader.done()
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(pg_server.restart, "immediate")  # a crash and recovery
+        after = len(acked)
+        while len(acked) < after + 50:  # ingest resumed by itself
+            assert asyncio.get_running_loop().time() < deadline + 20 and not loader.done()
+            await asyncio.sleep(0.01)
+        stop.set()
+        await loader
+        assert statuses <= {202, 503}, statuses  # unavailable meanwhile, never a 500
+        # Delivery resumed too: every acknowledged event reaches the receiver.
+        await receiver.wait_for(len(acked), "ProductCreated", timeout=30)
+        got = {e["messageId"] for e in receiver.events("ProductCreated")}
+        assert set(acked) <= got
+        assert await asyncio.to_thread(svc.stop) == 0
