@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -217,3 +218,37 @@ async def test_a_database_restart_mid_ingest_loses_nothing_acknowledged(
         got = {e["messageId"] for e in receiver.events("ProductCreated")}
         assert set(acked) <= got
         assert await asyncio.to_thread(svc.stop) == 0
+
+
+async def test_rate_limits_count_across_processes(tmp_path: Path, pg_url: str) -> None:
+    texts = []
+    for name in ("one", "two"):
+        config = config_with_url(tmp_path / f"{name}.toml", tmp_path / f"{name}.sqlite3", pg_url)
+        text = config.read_text() + "[ratelimit]\nper_minute = 4\nper_hour = 100\n"
+        config.write_text(text)
+        texts.append((config, text))
+    scopes = [arg for scope in ALL_SCOPES for arg in ("--scope", scope)]
+    code, token, err = await run_cli_async(
+        "token", "create", "--config", str(texts[0][0]), "--org", ORG, *scopes
+    )
+    assert code == 0, err
+    auth = {"Authorization": f"Bearer {token.strip()}"}
+    async with (
+        serving(*texts[0]) as first,
+        serving(*texts[1]) as second,
+        aiohttp.ClientSession() as session,
+    ):
+        # The windows are the clock's minutes: not across a minute's turn.
+        if time.time() % 60 > 50:
+            await asyncio.sleep(61 - time.time() % 60)  # a clock boundary, not synchronisation
+        answers = []
+        for svc in (first, second, first, second, first, second):
+            url = svc.api + "/organizations/self/subscriptions"
+            async with session.get(url, headers=auth) as resp:
+                answers.append((resp.status, resp.headers["X-RateLimit-Remaining"]))
+                if resp.status == 429:
+                    assert 1 <= int(resp.headers["Retry-After"]) <= 60
+        # Four in the minute for the organization, whichever process counts them.
+        assert answers == [(200, "3"), (200, "2"), (200, "1"), (200, "0"), (429, "0"), (429, "0")]
+        assert await asyncio.to_thread(first.stop) == 0
+        assert await asyncio.to_thread(second.stop) == 0

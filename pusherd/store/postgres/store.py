@@ -12,9 +12,12 @@ import secrets
 
 import asyncpg
 
+from pusherd.clock import now_ms
+from pusherd.ratelimit import Verdict, shared_verdict
 from pusherd.store.changes import Change, ChangeFeed
 from pusherd.store.errors import StoreError
 from pusherd.store.ids import IdSource
+from pusherd.store.postgres import ratelimit
 from pusherd.store.postgres.directory import Directory
 from pusherd.store.postgres.feed import CHANGE_CHANNEL, WAKE_CHANNEL, RemoteChanges
 from pusherd.store.postgres.ingest import GroupWriter
@@ -68,6 +71,19 @@ class PostgresStore(Directory, Queue, Log):
         self.listener.start()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.listener.connected.wait(), LISTEN_WAIT_S)
+
+    async def rate_hit(self, organization: str, per_minute: int, per_hour: int) -> Verdict:
+        """One API request against the organization's limits, counted for every process."""
+        now = now_ms()
+        c = await ratelimit.hit(self.pool, organization, now, per_minute, per_hour)
+        return shared_verdict(
+            now,
+            c.allowed,
+            (
+                (per_minute, c.minute_hits, c.minute_start_ms, 60_000),
+                (per_hour, c.hour_hits, c.hour_start_ms, 3_600_000),
+            ),
+        )
 
     async def close(self) -> None:
         """Stop listening and close the pool."""
