@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 from aiohttp import web
 
 from tests.conftest import ALL_SCOPES, ORG, Receiver
@@ -250,5 +251,70 @@ async def test_rate_limits_count_across_processes(tmp_path: Path, pg_url: str) -
                     assert 1 <= int(resp.headers["Retry-After"]) <= 60
         # Four in the minute for the organization, whichever process counts them.
         assert answers == [(200, "3"), (200, "2"), (200, "1"), (200, "0"), (429, "0"), (429, "0")]
+        assert await asyncio.to_thread(first.stop) == 0
+        assert await asyncio.to_thread(second.stop) == 0
+
+
+async def test_per_destination_holds_across_processes(
+    tmp_path: Path, pg_url: str, receiver: Receiver
+) -> None:
+    texts = []
+    for name in ("one", "two"):
+        config = config_with_url(tmp_path / f"{name}.toml", tmp_path / f"{name}.sqlite3", pg_url)
+        text = config.read_text().replace(
+            "[delivery]\n", '[delivery]\nper_destination = 2\nlease = "30s"\ntimeout = "30s"\n', 1
+        )
+        text = text.replace('timeout = "2s"\n', "")
+        config.write_text(text)
+        texts.append((config, text))
+    scopes = [arg for scope in ALL_SCOPES for arg in ("--scope", scope)]
+    code, token, err = await run_cli_async(
+        "token", "create", "--config", str(texts[0][0]), "--org", ORG, *scopes
+    )
+    assert code == 0, err
+    auth = {"Authorization": f"Bearer {token.strip()}"}
+    answer = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.StreamResponse:
+        await answer.wait()
+        return web.Response(status=200)
+
+    receiver.statuses = [hang] * 100
+    async with (
+        serving(*texts[0]) as first,
+        serving(*texts[1]) as second,
+        aiohttp.ClientSession() as session,
+    ):
+        body = {
+            "uuid": SUB,
+            "transportName": "WEBHOOK",
+            "eventNames": ["ProductCreated"],
+            "destination": receiver.url,
+            "contactEmail": "ops@example.com",
+        }
+        url = first.api + "/organizations/self/subscriptions"
+        async with session.post(url, json=body, headers=auth) as resp:
+            assert resp.status == 200, await resp.text()
+        for i, svc in enumerate([first, second] * 5):
+            event = {"eventName": "ProductCreated", "organizationUuid": ORG, "messageId": f"p-{i}"}
+            async with session.post(svc.ingest + "/events", json={**event, "payload": {}}) as r:
+                assert r.status == 202
+        # Both processes have work due for the origin and room of their own (each leases up to
+        # per_destination ahead of its slow-started window); together they hold at most two
+        # live leases on it, and so at most two attempts.
+        await receiver.wait_for(1, timeout=10)
+        await asyncio.sleep(2.5)  # both dispatchers poll at least once a second meanwhile
+        db = await asyncpg.connect(pg_url)
+        try:
+            leased = await db.fetch(
+                "SELECT lease_owner FROM deliveries WHERE status = 'pending'"
+                " AND lease_owner IS NOT NULL AND lease_until_ms > $1",
+                int(time.time() * 1000),
+            )
+        finally:
+            await db.close()
+        assert 1 <= len(leased) <= 2 and 1 <= len(receiver.requests) <= 2
+        answer.set()  # now they go on, two at a time
+        await receiver.wait_for(10, "ProductCreated", timeout=20)
         assert await asyncio.to_thread(first.stop) == 0
         assert await asyncio.to_thread(second.stop) == 0
