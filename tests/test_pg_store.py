@@ -11,7 +11,7 @@ import pytest
 
 from pusherd.config import StorageConfig
 from pusherd.store import Change, Store, open_store
-from pusherd.store.types import NewEvent, NewSubscription, SubscriptionChanges
+from pusherd.store.types import AttemptRecord, NewEvent, NewSubscription, SubscriptionChanges
 
 ORG = "5a0b9c1e-1d2f-4a3b-8c4d-111111111111"
 
@@ -95,5 +95,38 @@ async def test_wake_ups_are_coalesced_per_group_commit(pair: tuple[Store, Store]
     await asyncio.gather(*(a.ingest(e, everything) for e in events))
     await wait_until(lambda: len(woken) > 0)
     await asyncio.sleep(0.2)
-    assert 1 <= len(woken) <= 20  # one per group commit, not one per row (100)
+    assert 1 <= len(woken) <= 50  # one per group commit (up to ten in flight), not per row
     assert (await b.queue_stats()).pending == 100
+
+
+async def test_concurrent_records_are_each_applied_with_their_status_changes(
+    pair: tuple[Store, Store],
+) -> None:
+    a, _ = pair
+    sub = NewSubscription(
+        str(uuid.uuid4()), ORG, "WEBHOOK", (), ("READ:PRODUCT",), "https://a.example/", None, "k"
+    )
+    await a.create_subscription(sub, None)
+    await a.ingest(
+        [NewEvent(ORG, "ProductCreated", "{}", f"c-{i}", None) for i in range(50)], everything
+    )
+    claimed = (await a.claim("me", {}, 100, 100, 60_000)).deliveries
+    assert len(claimed) == 50
+    seen: list[Change] = []
+    a.changes.subscribe(seen.append)
+    now = int(time.time() * 1000)
+    ok = AttemptRecord(now, 1.0, 200, None, "")
+    bad = AttemptRecord(now, 1.0, 500, "HTTP 500", "")
+    # All at once (one group or a few): the failure first makes it FAILING, once.
+    outcomes = await asyncio.gather(
+        a.record_attempt(claimed[0], "me", bad, "retry", now + 60_000, 10**9),
+        *(a.record_attempt(d, "me", ok, "delivered", None, 10**9) for d in claimed[1:]),
+        a.record_attempt(claimed[1], "other", ok, "delivered", None, 10**9),  # not its lease
+    )
+    changes = [c for c in outcomes if c is not None]
+    assert [(c.old, c.new) for c in changes][:1] == [("ACTIVE", "FAILING")]
+    counts = await a.delivery_counts([sub.uuid])
+    assert (counts.delivered, counts.pending) == (49, 1)
+    view = await a.get_delivery(claimed[1].id, ORG)
+    assert view is not None and len(view.attempt_log) == 1  # the stale owner's left nothing
+    assert any(c.kind == "subscription_changed" for c in seen)

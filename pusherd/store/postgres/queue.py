@@ -3,8 +3,8 @@
 Ingest matches events to subscriptions here (a per-organization cache of fan-out targets,
 dropped by the change feed, which other processes' changes reach through NOTIFY) and hands the
 rest to the GroupWriter. Claims are pusherd_claim (claims.py): per_destination held across every
-process. Each claimed row's fencing token is remembered here, so that record_attempt finishes
-it only while this process's lease is the current one.
+process. Each claimed row's fencing token is remembered here, so that record_attempt
+(records.py) finishes it only while this process's lease is the current one.
 """
 
 from __future__ import annotations
@@ -15,26 +15,22 @@ from dataclasses import dataclass
 import orjson
 
 from pusherd.clock import now_ms
-from pusherd.store.changes import Change, ChangeFeed, ChangeKind
+from pusherd.store.changes import Change, ChangeFeed
 from pusherd.store.postgres import claims
 from pusherd.store.postgres.copy import origin_of
-from pusherd.store.postgres.directory import Conn, refresh_queues, sync_queue
-from pusherd.store.postgres.feed import CHANGE_CHANNEL, QUEUED, payload
+from pusherd.store.postgres.directory import refresh_queues
+from pusherd.store.postgres.feed import QUEUED
 from pusherd.store.postgres.ingest import EventIn, EventOut, GroupWriter
 from pusherd.store.postgres.pool import Pool
 from pusherd.store.types import (
-    AttemptRecord,
     Claim,
     ClaimedDelivery,
-    Finish,
     IngestResult,
     Matcher,
     NewEvent,
-    StatusChange,
     Taker,
 )
 
-RESPONSE_BODY_MAX = 1024
 # A row handed back without an attempt is due at once and keeps its place in ingest order.
 _DUE_AGAIN = "CASE WHEN schedule_pos = 0 THEN least(created_ms, $1) ELSE $1 END"
 
@@ -192,96 +188,6 @@ class Queue:
                 )
             )
         return Claim(out, got.more, got.next_due_ms)
-
-    # -- records -------------------------------------------------------------------------------
-
-    async def record_attempt(
-        self,
-        delivery: ClaimedDelivery,
-        owner: str,
-        attempt: AttemptRecord,
-        finish: Finish,
-        next_attempt_ms: int | None,
-        disable_after_ms: int,
-    ) -> StatusChange | None:
-        """Record an attempt; only the current lease (owner and fencing token) moves the row on,
-        and only then may the outcome change the subscription's status."""
-        now = now_ms()
-        if finish == "retry":
-            status, due = "pending", next_attempt_ms or now
-        else:
-            status, due = ("delivered" if finish == "delivered" else "failed"), None
-        outcome = claims.Outcome(
-            status=status,
-            schedule_pos=delivery.schedule_pos + (0 if finish == "delivered" else 1),
-            next_attempt_ms=due,
-            started_ms=attempt.started_ms,
-            duration_ms=attempt.duration_ms,
-            status_code=attempt.status_code,
-            error=attempt.error,
-            response_body=attempt.response_body[:RESPONSE_BODY_MAX],
-        )
-        token = self.leases.get(delivery.id)
-        change: StatusChange | None = None
-        async with self.pool.transaction() as conn:
-            done = await claims.finish_many(conn, owner, [(delivery.id, token, outcome)])
-            if done:
-                change = await self._status_change(
-                    conn, delivery.subscription, finish, now, disable_after_ms
-                )
-        if done and self.leases.get(delivery.id) == token:
-            self.leases.pop(delivery.id, None)
-        if change is not None:
-            kind: ChangeKind = (
-                "subscription_disabled" if change.new == "DISABLED" else "subscription_changed"
-            )
-            self.changes.announce(Change(kind, change.organization, change.subscription))
-        return change
-
-    async def _status_change(
-        self, conn: Conn, sub: str, finish: Finish, now: int, disable_after_ms: int
-    ) -> StatusChange | None:
-        row = await conn.fetchrow(
-            "SELECT organization, contact_email, destination, status, failing_since_ms"
-            " FROM subscriptions WHERE uuid = $1 AND deleted_ms IS NULL FOR UPDATE",
-            sub,
-        )
-        if row is None:
-            return None
-        org, email, destination, old, failing_since = row
-        new, reason = old, ""
-        if finish == "delivered":
-            if old == "FAILING":
-                new, reason = "ACTIVE", "delivery succeeded"
-        elif finish == "gone":
-            if old != "DISABLED":
-                new, reason = "DISABLED", "destination answered 410 Gone"
-        elif old == "ACTIVE":
-            new, reason, failing_since = "FAILING", "delivery attempt failed", now
-        elif (
-            old == "FAILING"
-            and failing_since is not None
-            and now - failing_since >= disable_after_ms
-        ):
-            new, reason = "DISABLED", "failing continuously for longer than disable_after"
-        if new == old:
-            return None
-        await conn.execute(
-            "UPDATE subscriptions SET status = $1, failing_since_ms = $2, updated_ms = $3"
-            " WHERE uuid = $4",
-            new,
-            None if new == "ACTIVE" else failing_since,
-            now,
-            sub,
-        )
-        await sync_queue(conn, sub)
-        kind: ChangeKind = "subscription_disabled" if new == "DISABLED" else "subscription_changed"
-        await conn.execute(
-            "SELECT pg_notify($1, $2)",
-            CHANGE_CHANNEL,
-            payload(self.sender, Change(kind, org, sub)),
-        )
-        return StatusChange(sub, org, email, destination, old, new, reason)
 
     # -- hand-backs and closing ----------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from pusherd.store.postgres.log import Log
 from pusherd.store.postgres.migrate import migrate
 from pusherd.store.postgres.pool import Pool, translated
 from pusherd.store.postgres.queue import Queue, Target
+from pusherd.store.postgres.records import PendingRecord, Records
 from pusherd.store.types import Taker
 
 # With no per_destination given (tools, tests), the claim caps nothing beyond the caller's room.
@@ -33,7 +34,7 @@ UNLIMITED = 2**31 - 1
 LISTEN_WAIT_S = 5.0
 
 
-class PostgresStore(Directory, Queue, Log):
+class PostgresStore(Directory, Queue, Records, Log):
     """The PostgreSQL implementation of Store."""
 
     def __init__(self, pool: Pool, *, per_destination: int = UNLIMITED) -> None:
@@ -45,6 +46,8 @@ class PostgresStore(Directory, Queue, Log):
         self.per_destination = per_destination
         self.targets_cache: dict[str, list[Target]] = {}
         self.leases: dict[int, int] = {}
+        self._records: list[PendingRecord] = []
+        self._recorder: asyncio.Task[None] | None = None
         self.taker: Taker | None = None
         self.changes = ChangeFeed()
         self.changes.subscribe(self._changed)
@@ -86,7 +89,9 @@ class PostgresStore(Directory, Queue, Log):
         )
 
     async def close(self) -> None:
-        """Stop listening and close the pool."""
+        """Finish the records in progress, stop listening and close the pool."""
+        if self._recorder is not None:
+            await asyncio.gather(self._recorder, return_exceptions=True)
         if self.listener is not None:
             await self.listener.close()
             self.listener = None
