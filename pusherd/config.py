@@ -174,6 +174,22 @@ def _string(value: object) -> str:
     return value
 
 
+def _storage_url(value: object) -> str:
+    text = _string(value)
+    if text and not text.startswith(("postgresql://", "postgres://")):
+        raise ValueError('expected "" or a postgresql:// URL')
+    return text
+
+
+def mask_url_password(url: str) -> str:
+    """url with its password (if any) masked, for output."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:********@{host}"
+
+
 def _bool(value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError("expected true or false")
@@ -247,7 +263,7 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, tuple[str, Any]]]] = {
         StorageConfig,
         {
             "path": ("path", _string),
-            "url": ("url", _string),
+            "url": ("url", _storage_url),
             "retention": ("retention", _positive_duration),
         },
     ),
@@ -367,6 +383,8 @@ def effective_config(config: Config, *, mask_secrets: bool = True) -> dict[str, 
                 value = list(value)
             if mask_secrets and f"{section}.{key}" in SECRET_KEYS and value:
                 value = "********"
+            if mask_secrets and f"{section}.{key}" == "storage.url" and value:
+                value = mask_url_password(str(value))
             table[key] = value
         out[section] = table
     out["events"] = [dataclasses.asdict(e) for e in config.events]

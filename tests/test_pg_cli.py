@@ -74,3 +74,15 @@ async def test_backup_with_storage_url_exits_2_pointing_at_pg_dump(
     code, out, err = await run_cli_async("backup", "--config", str(config), str(tmp_path / "b"))
     assert code == 2 and "pg_dump" in err and out == ""
     assert not (tmp_path / "b").exists()
+
+
+async def test_storage_url_is_checked_and_its_password_masked(tmp_path: Path) -> None:
+    config = config_with_url(
+        tmp_path / "p.toml", tmp_path / "db.sqlite3", "postgresql://pusherd:s3cret@db:5432/p"
+    )
+    code, out, err = await run_cli_async("check-config", "--config", str(config))
+    assert code == 0, err
+    assert "s3cret" not in out and "postgresql://pusherd:********@db:5432/p" in out
+    bad = config_with_url(tmp_path / "b.toml", tmp_path / "db.sqlite3", "mysql://db/p")
+    code, _, err = await run_cli_async("check-config", "--config", str(bad))
+    assert code == 2 and "storage.url" in err
