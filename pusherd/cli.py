@@ -22,6 +22,7 @@ from pusherd.config import (
     ConfigError,
     effective_config,
     load_config,
+    mask_url_password,
     parse_duration,
     split_listen,
 )
@@ -80,7 +81,7 @@ async def serve(config: Config, config_path: str | None) -> int:
             version=__version__,
             api=config.api.listen,
             ingest=config.ingest.listen,
-            database=config.storage.path,
+            database=mask_url_password(config.storage.url) or config.storage.path,
         )
         notifier.ready()
         stop = asyncio.Event()

@@ -104,6 +104,7 @@ async def test_a_subscription_made_through_one_process_gets_events_ingested_by_a
             assert resp.status == 200 and (await resp.json())["messageUuid"] == original
         assert await asyncio.to_thread(first.stop) == 0
         assert await asyncio.to_thread(second.stop) == 0
+    assert f'"database": "{pg_url}"' in first.log()  # the started line names the database
 
 
 async def test_deliveries_leased_by_a_killed_process_are_delivered_by_another(
