@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import asyncpg
+
 from pusherd.config import StorageConfig
 from pusherd.store import open_store
+from pusherd.store.postgres.migrate import migrate
 from pusherd.store.types import NewEvent
 from tests.service import run_cli_async, write_config
 from tests.test_pg_copy import LIVE, ORG, installation
@@ -86,3 +89,19 @@ async def test_storage_url_is_checked_and_its_password_masked(tmp_path: Path) ->
     bad = config_with_url(tmp_path / "b.toml", tmp_path / "db.sqlite3", "mysql://db/p")
     code, _, err = await run_cli_async("check-config", "--config", str(bad))
     assert code == 2 and "storage.url" in err
+
+
+async def test_serve_refuses_a_database_of_a_newer_schema(tmp_path: Path, pg_url: str) -> None:
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await migrate(conn)
+        await conn.execute("INSERT INTO pusherd_schema (version, applied_ms) VALUES (999, 0)")
+    finally:
+        await conn.close()
+    config = config_with_url(tmp_path / "c.toml", tmp_path / "db.sqlite3", pg_url)
+    code, _, err = await run_cli_async("serve", "--config", str(config))
+    assert code != 0
+    assert "database schema version 999 is newer than this pusherd supports" in err
+    assert "Traceback" not in err
+    code, _, err = await run_cli_async("token", "list", "--config", str(config))
+    assert code == 1 and "newer than this pusherd supports" in err
