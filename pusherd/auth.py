@@ -51,7 +51,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if state != "active":
         raise ApiError(401, f"token is {state}", {"WWW-Authenticate": "Bearer"})
     request[TOKEN_KEY] = token
-    verdict = runtime.ratelimiter.hit(token.organization)
+    verdict = await runtime.rate_hit(token.organization)
     headers = {
         "X-RateLimit-Limit": str(verdict.limit),
         "X-RateLimit-Remaining": str(verdict.remaining),

@@ -1,4 +1,4 @@
-"""The pusherd command line: serve, token, emit, replay, backup, console-link, check-config."""
+"""The pusherd command line: every subcommand of SPEC §1 (serve, token, emit, replay, ...)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from pusherd.config import (
     ConfigError,
     effective_config,
     load_config,
+    mask_url_password,
     parse_duration,
     split_listen,
 )
@@ -80,7 +81,7 @@ async def serve(config: Config, config_path: str | None) -> int:
             version=__version__,
             api=config.api.listen,
             ingest=config.ingest.listen,
-            database=config.storage.path,
+            database=mask_url_password(config.storage.url) or config.storage.path,
         )
         notifier.ready()
         stop = asyncio.Event()
@@ -340,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--org", required=True, help="the organization UUID it signs in to")
     p.add_argument("--expires-in", default="1h", metavar="DURATION", help="default: 1h")
     p.set_defaults(func=_lazy("pusherd.console.link", "cmd_console_link"))
+    p = sub.add_parser("copy-storage", help="copy the SQLite database into empty PostgreSQL")
+    _add_config(p)
+    p.add_argument("--to", required=True, metavar="URL", help="postgresql://user@host/dbname")
+    p.set_defaults(func=_lazy("pusherd.ops", "cmd_copy_storage"))
 
     p = sub.add_parser("check-config", help="validate and print the effective config")
     _add_config(p)

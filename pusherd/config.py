@@ -104,6 +104,7 @@ class IngestConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     path: str = "pusherd.sqlite3"
+    url: str = ""  # postgresql://...: PostgreSQL instead of path (SPEC §8)
     retention: float = 30 * 86400.0
 
 
@@ -178,6 +179,22 @@ def _string(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError("expected a string")
     return value
+
+
+def _storage_url(value: object) -> str:
+    text = _string(value)
+    if text and not text.startswith(("postgresql://", "postgres://")):
+        raise ValueError('expected "" or a postgresql:// URL')
+    return text
+
+
+def mask_url_password(url: str) -> str:
+    """url with its password (if any) masked, for output."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:********@{host}"
 
 
 def _bool(value: object) -> bool:
@@ -258,7 +275,11 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, tuple[str, Any]]]] = {
     ),
     "storage": (
         StorageConfig,
-        {"path": ("path", _string), "retention": ("retention", _positive_duration)},
+        {
+            "path": ("path", _string),
+            "url": ("url", _storage_url),
+            "retention": ("retention", _positive_duration),
+        },
     ),
     "delivery": (
         DeliveryConfig,
@@ -380,6 +401,8 @@ def effective_config(config: Config, *, mask_secrets: bool = True) -> dict[str, 
                 value = list(value)
             if mask_secrets and f"{section}.{key}" in SECRET_KEYS and value:
                 value = "********"
+            if mask_secrets and f"{section}.{key}" == "storage.url" and value:
+                value = mask_url_password(str(value))
             table[key] = value
         out[section] = table
     out["events"] = [dataclasses.asdict(e) for e in config.events]

@@ -1,12 +1,14 @@
-"""Operator commands: `pusherd replay` and `pusherd backup` (SPEC §1)."""
+"""Operator commands: `pusherd replay`, `pusherd backup` and `pusherd copy-storage` (SPEC §1)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import sys
 import uuid as uuidlib
 from pathlib import Path
 
-from pusherd.cli import CliError, with_store
+from pusherd.cli import EXIT_USAGE, CliError, with_store
 from pusherd.clock import now_ms
 from pusherd.config import Config, parse_duration
 from pusherd.store import Store, StoreError
@@ -48,6 +50,14 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_backup(args: argparse.Namespace, config: Config) -> int:
     """Consistent online copy of the database to DEST_FILE (never overwrites a file)."""
+    if config.storage.url:
+        print(
+            "pusherd: storage.url is set: pusherd backup copies the SQLite file only;"
+            " back up the PostgreSQL database with pg_dump (for instance:"
+            " pg_dump --format=custom --file=pusherd.dump DBNAME)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     dest = Path(args.dest)
     if dest.exists() or dest.is_symlink():
         raise CliError(
@@ -72,4 +82,27 @@ def cmd_backup(args: argparse.Namespace, config: Config) -> int:
         f" schema version {summary.schema_version}, {summary.subscriptions} subscriptions,"
         f" {summary.events} events, {summary.deliveries} deliveries ({summary.pending} pending)"
     )
+    return 0
+
+
+def cmd_copy_storage(args: argparse.Namespace, config: Config) -> int:
+    """Copy the configured SQLite database into an empty PostgreSQL database (daemon stopped)."""
+    from pusherd.store import POSTGRES_SCHEMES
+    from pusherd.store.postgres.copy import copy_sqlite
+
+    url: str = args.to
+    if not url.startswith(POSTGRES_SCHEMES):
+        raise CliError(f"--to: not a PostgreSQL URL (postgresql://...): {url!r}")
+    source = Path(config.storage.path)
+    if not source.is_file():
+        raise CliError(f"no SQLite database at storage.path {source}")
+    try:
+        copied = asyncio.run(copy_sqlite(source, url))
+    except StoreError as exc:  # CopyRefusedError, SchemaTooNewError, database unreachable
+        raise CliError(f"copy-storage refused: {exc}") from None
+    except (OSError, Exception) as exc:  # asyncpg's connection and SQL errors
+        raise CliError(f"copy-storage failed, nothing was copied: {exc}") from None
+    counts = ", ".join(f"{n} {table}" for table, n in copied.items())
+    print(f"copied {source} to PostgreSQL: {counts}")
+    print("set storage.url to this URL in every pusherd's config, then start them")
     return 0

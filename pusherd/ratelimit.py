@@ -6,8 +6,31 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from pusherd.config import RateLimitConfig
+
+
+@runtime_checkable
+class SharedRateLimits(Protocol):
+    """A store that counts requests for every process at once (windows aligned to the clock)."""
+
+    async def rate_hit(self, organization: str, per_minute: int, per_hour: int) -> Verdict:
+        """Count one request if both windows have room; the verdict."""
+        ...
+
+
+def shared_verdict(
+    now_ms: int,
+    allowed: bool,
+    windows: tuple[tuple[int, int, int, int], ...],  # (limit, hits, start_ms, length_ms)
+) -> Verdict:
+    """The verdict of clock-aligned windows counted elsewhere (refused requests not counted)."""
+    limit, hits, start, length = min(windows, key=lambda w: w[0] - w[1])
+    reset = max(1, math.ceil((start + length - now_ms) / 1000))
+    refused = [(s + n - now_ms) / 1000 for lim, h, s, n in windows if h >= lim]
+    retry = 0 if allowed else max(1, math.ceil(max(refused, default=1.0)))
+    return Verdict(allowed, limit, max(0, limit - hits), reset, retry)
 
 
 @dataclass(frozen=True)
@@ -58,6 +81,10 @@ class RateLimiter:
         reset = max(1, math.ceil(length - (now - window[0])))
         retry = max(1, math.ceil(max(refused))) if refused else 0
         return Verdict(not refused, limit, remaining, reset, retry)
+
+    async def hit_shared(self, limits: SharedRateLimits, organization: str) -> Verdict:
+        """Count one request in windows every process shares (PostgreSQL, SPEC §4 and §8)."""
+        return await limits.rate_hit(organization, self.config.per_minute, self.config.per_hour)
 
     def _evict(self, now: float) -> None:
         stale = [o for o, w in self._windows.items() if now - w[1][0] >= 3600.0]

@@ -14,7 +14,7 @@ from pusherd.delivery.http import HttpClient
 from pusherd.delivery.sender import Sender
 from pusherd.metrics import Metrics
 from pusherd.notify import Notifier
-from pusherd.ratelimit import RateLimiter
+from pusherd.ratelimit import RateLimiter, SharedRateLimits, Verdict
 from pusherd.store import Change, Store, StoreError, open_store
 from pusherd.store.types import StatusChange
 
@@ -35,6 +35,7 @@ class Runtime:
         self.ratelimiter = RateLimiter(config.ratelimit)
         self.notifier = Notifier(config.smtp)
         self._store: Store | None = None
+        self._shared_limits: SharedRateLimits | None = None  # the store, if it counts for all
         self._client: HttpClient | None = None
         self._dispatcher: Dispatcher | None = None
         self._purger: asyncio.Task[None] | None = None
@@ -55,7 +56,9 @@ class Runtime:
     async def start(self, *, dispatch: bool = True) -> None:
         """Open the store, the HTTP client and start the dispatcher and the retention purge."""
         cfg = self.config
-        self._store = await open_store(cfg.storage)
+        self._store = await open_store(cfg.storage, per_destination=cfg.delivery.per_destination)
+        if isinstance(self._store, SharedRateLimits):
+            self._shared_limits = self._store
         d = cfg.delivery
         self._client = HttpClient(d.allow_private_destinations, max_idle=d.max_in_flight)
         sender = Sender(self._client, d.timeout)
@@ -115,6 +118,13 @@ class Runtime:
         if self._store is not None:
             await self._store.close()
             self._store = None
+
+    async def rate_hit(self, organization: str) -> Verdict:
+        """Count one API request: across every process when the store shares its counts
+        (PostgreSQL), else in this process's memory."""
+        if self._shared_limits is not None:
+            return await self.ratelimiter.hit_shared(self._shared_limits, organization)
+        return self.ratelimiter.hit(organization)
 
     def reload(self, config: Config) -> None:
         """SIGHUP: new log level and rate limits."""

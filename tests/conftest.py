@@ -25,6 +25,9 @@ from pusherd.keys import INGEST_APP, RUNTIME
 from pusherd.runtime import Runtime
 from pusherd.store import Store, open_store
 
+# A real PostgreSQL server for the tests that ask for it (pg_server, pg_url): tests/pg.py.
+pytest_plugins = ["tests.pg"]
+
 ORG = "5a0b9c1e-1d2f-4a3b-8c4d-111111111111"
 OTHER_ORG = "5a0b9c1e-1d2f-4a3b-8c4d-222222222222"
 ALL_SCOPES = ("READ:PURCHASE", "READ:FINANCE", "READ:USERINFO", "READ:PRODUCT")

@@ -36,11 +36,35 @@ LEASE_MS = 60_000
 ROOM = 100  # default room per origin in these claims
 
 
-@pytest.fixture(params=["sqlite"])
+# What the PostgreSQL backend does not do (yet), each expected to fail there and only there.
+POSTGRES_XFAIL = {
+    "test_backup_copies_the_store_and_never_overwrites": (
+        "by design: on PostgreSQL backups are pg_dump's job (SPEC §1), backup() refuses"
+    ),
+    "test_fresh_deliveries_are_handed_over_leased_within_the_offered_room": (
+        "no ingest hand-over on PostgreSQL: fresh deliveries go through a claim (woken at once"
+        " by the ingest); a hand-over would need the origin locks of the claim"
+    ),
+    "test_a_fresh_delivery_never_overtakes_an_older_due_one": (
+        "no ingest hand-over on PostgreSQL: fresh deliveries go through a claim (woken at once"
+        " by the ingest); a hand-over would need the origin locks of the claim"
+    ),
+}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    """An empty store of each backend, opened as the daemon opens it (open_store(config))."""
-    assert request.param == "sqlite"  # PostgreSQL: a fresh database from the test server
-    s = await open_store(StorageConfig(path=str(tmp_path / "pusherd.sqlite3")))
+    """An empty store of each backend, opened as the daemon opens it (open_store(config)):
+    PostgreSQL in a fresh database of the test server (tests/pg.py)."""
+    if request.param == "postgres":
+        reason = POSTGRES_XFAIL.get(request.node.originalname)
+        if reason is not None:
+            request.node.add_marker(pytest.mark.xfail(strict=True, reason=reason))
+        url = request.getfixturevalue("pg_url")
+        config = StorageConfig(path=str(tmp_path / "unused.sqlite3"), url=url)
+    else:
+        config = StorageConfig(path=str(tmp_path / "pusherd.sqlite3"))
+    s = await open_store(config)
     try:
         yield s
     finally:

@@ -8,21 +8,30 @@ from pusherd.store.changes import Change, ChangeFeed
 from pusherd.store.errors import SchemaTooNewError, StoreError, UuidTakenError
 from pusherd.store.interface import Store
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
-async def open_store(config: StorageConfig | str, *, background: bool = True) -> Store:
-    """Open the configured backend: the SQLite file at `storage.path` (the only one so far).
+
+async def open_store(
+    config: StorageConfig | str, *, background: bool = True, per_destination: int | None = None
+) -> Store:
+    """Open the configured backend: PostgreSQL when `storage.url` is set (SPEC §8), else the
+    SQLite file at `storage.path`.
 
     `config` is the [storage] section (or a path, for tools and tests). `background=False` for
-    a short-lived command (token, replay, backup) run next to a daemon: no upkeep of its own.
+    a short-lived command (token, replay, backup) run next to a daemon: no upkeep of its own
+    (on PostgreSQL: no LISTEN connection). `per_destination` is the limit PostgreSQL holds
+    across every process (SQLite's one process holds it in its dispatcher).
     """
     if isinstance(config, str):
         path = config
     else:
-        if getattr(config, "url", None):
-            raise StoreError(
-                "storage.url is set, but this pusherd has no PostgreSQL backend yet;"
-                " remove storage.url to use the SQLite file at storage.path"
-            )
+        url = config.url
+        if url:
+            if not url.startswith(POSTGRES_SCHEMES):
+                raise StoreError(f"storage.url must start with postgresql:// (got {url!r})")
+            from pusherd.store.postgres.store import open_postgres
+
+            return await open_postgres(url, background=background, per_destination=per_destination)
         path = config.path
     from pusherd.store.sqlite import open_sqlite
 
