@@ -207,7 +207,11 @@ class Store(Tokens, Subscriptions, Outbox, DeliveryQueue, Operations, Protocol):
     """Everything a backend provides, and its change feed."""
 
     changes: ChangeFeed  # what writes announce (after commit) to the dispatcher and caches
-    console: ConsoleStore  # the web console's reads and sign-in links (store/console.py)
+
+    @property
+    def console(self) -> ConsoleStore:
+        """The web console's reads and sign-in links (store/console.py)."""
+        ...
 
     async def close(self) -> None:
         """Flush and close."""
