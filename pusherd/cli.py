@@ -23,11 +23,11 @@ from pusherd.config import (
     effective_config,
     load_config,
     mask_url_password,
-    parse_duration,
     split_listen,
 )
 from pusherd.log import configure_logging
 from pusherd.store import SchemaTooNewError, Store, StoreError, open_store
+from pusherd.units import parse_duration
 
 EXIT_USAGE = 2
 T = TypeVar("T")

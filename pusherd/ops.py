@@ -10,9 +10,10 @@ from pathlib import Path
 
 from pusherd.cli import EXIT_USAGE, CliError, with_store
 from pusherd.clock import now_ms
-from pusherd.config import Config, parse_duration
+from pusherd.config import Config
 from pusherd.store import Store, StoreError
 from pusherd.store.types import BackupSummary
+from pusherd.units import parse_duration
 
 
 def cmd_replay(args: argparse.Namespace, config: Config) -> int:

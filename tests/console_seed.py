@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import orjson
 
 from pusherd.clock import iso_ms, now_ms
-from pusherd.config import parse_duration
 from pusherd.store.sqlite.db import connect_sync
+from pusherd.units import parse_duration
 
 FAIL_EVERY = 20  # one delivery in 20 fails
 

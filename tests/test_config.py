@@ -20,9 +20,8 @@ from pusherd.config import (
     EventType,
     config_from_dict,
     load_config,
-    parse_duration,
-    parse_size,
 )
+from pusherd.units import parse_duration, parse_size
 from tests.conftest import Harness, Receiver, make_config
 from tests.service import run_cli_async
 

@@ -7,7 +7,8 @@ import uuid as uuidlib
 
 from pusherd.cli import CliError, with_store
 from pusherd.clock import now_ms
-from pusherd.config import Config, parse_duration, split_listen
+from pusherd.config import Config, split_listen
+from pusherd.units import parse_duration
 
 
 def console_base(config: Config) -> str:

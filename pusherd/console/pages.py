@@ -9,7 +9,6 @@ from typing import Any
 from aiohttp import web
 
 from pusherd.clock import now_ms
-from pusherd.config import parse_duration
 from pusherd.console.charts import minute_chart
 from pusherd.console.present import sent
 from pusherd.console.render import render
@@ -18,6 +17,7 @@ from pusherd.console.session import Session, session_of
 from pusherd.keys import RUNTIME
 from pusherd.store.console import ConsoleStore, LogFilter, SubscriptionCounts
 from pusherd.store.types import Subscription
+from pusherd.units import parse_duration
 
 MINUTE_MS = 60_000
 HOUR_MS = 3600 * 1000
