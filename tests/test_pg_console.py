@@ -24,20 +24,16 @@ async def test_console_pages_on_postgres(
 ) -> None:
     harness = await harness_factory(make_config(tmp_path, storage={"url": pg_url}))
     _, token = await harness.runtime.store.create_token(ORG, ALL_SCOPES, "console", None)
+    # A new subscription gets a TestMessage: its delivery is the one the pages show (no
+    # dependence on how fast an ingested event is claimed, which is the dispatcher's business).
     sub = await harness.subscribe(token, receiver.url)
-    await harness.emit("ProductCreated")
-    await receiver.wait_for(1, "ProductCreated")
-
-    # The delivery is recorded after the receiver answered: wait for it in the API's log.
     deadline = time.monotonic() + 10
     while True:
         log = await harness.api.get(
             f"/api/webhooks/{sub['uuid']}/events", headers=harness.auth(token)
         )
         events: list[dict[str, Any]] = (await log.json())["data"]["events"]
-        done = [
-            e for e in events if e["status"] == "delivered" and e["eventType"] == "ProductCreated"
-        ]
+        done = [e for e in events if e["status"] == "delivered"]
         if done:
             break
         assert time.monotonic() < deadline, events
@@ -49,11 +45,11 @@ async def test_console_pages_on_postgres(
     assert receiver.url in await overview.text()
     page = await harness.api.get(f"/console/subscriptions/{sub['uuid']}")
     assert page.status == 200
-    assert "ProductCreated" in await page.text()
+    assert "TestMessage" in await page.text()
     delivery = await harness.api.get(f"/console/deliveries/{done[0]['id']}")
     assert delivery.status == 200
     text = await delivery.text()
-    assert "ProductCreated" in text and receiver.url in text
+    assert "TestMessage" in text and receiver.url in text and "200" in text
 
 
 def _plan_text(rows: list[asyncpg.Record]) -> str:
