@@ -22,7 +22,16 @@ from pusherd.store.postgres.migrate import (
     schema_version,
 )
 
-TABLES = {"tokens", "subscriptions", "events", "deliveries", "attempts", "queues", "rate_windows"}
+TABLES = {
+    "tokens",
+    "subscriptions",
+    "events",
+    "deliveries",
+    "attempts",
+    "queues",
+    "rate_windows",
+    "console_links",
+}
 
 
 async def _tables(conn: asyncpg.Connection) -> set[str]:

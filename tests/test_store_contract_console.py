@@ -25,11 +25,16 @@ from tests.test_store_contract import (
 )
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    """An empty store of each backend, opened as the daemon opens it (open_store(config))."""
-    assert request.param == "sqlite"  # PostgreSQL: a fresh database from the test server
-    s = await open_store(StorageConfig(path=str(tmp_path / "pusherd.sqlite3")))
+    """An empty store of each backend, opened as the daemon opens it (open_store(config)):
+    PostgreSQL in a fresh database of the test server (tests/pg.py)."""
+    if request.param == "postgres":
+        url = request.getfixturevalue("pg_url")
+        config = StorageConfig(path=str(tmp_path / "unused.sqlite3"), url=url)
+    else:
+        config = StorageConfig(path=str(tmp_path / "pusherd.sqlite3"))
+    s = await open_store(config)
     try:
         yield s
     finally:

@@ -7,6 +7,9 @@ million deliveries as at a thousand.
 
 from __future__ import annotations
 
+import hashlib
+import secrets
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,6 +20,8 @@ from pusherd.store.types import AttemptRecord, Subscription, Token
 LOG_SCAN_ROWS = 5000
 # Latency percentiles are taken over at most this many of the newest attempts of the window.
 LATENCY_SAMPLE = 5000
+# Sign-in link secrets start with this (recognisable in logs and secret scanners).
+LINK_PREFIX = "pcl_"
 
 
 @dataclass(frozen=True)
@@ -129,3 +134,50 @@ class ConsoleStore(Protocol):
     async def create_link(self, organization: str, expires_ms: int) -> str: ...
     async def link_state(self, secret: str) -> LinkState | None: ...
     async def redeem_link(self, secret: str) -> str | None: ...
+
+
+def new_link_secret() -> str:
+    """A fresh sign-in link secret."""
+    return LINK_PREFIX + secrets.token_urlsafe(32)
+
+
+def link_hash(secret: str) -> str:
+    """What a backend stores of a sign-in link: sha256 hex of its secret, never the secret."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def latency_of(durations: Iterable[float]) -> Latency:
+    """p50/p99 (nearest rank) of attempt durations in ms; both None when there are none."""
+    values = sorted(float(v) for v in durations)
+    if not values:
+        return Latency(0, None, None)
+
+    def pct(p: float) -> float:
+        return values[min(len(values) - 1, int(p * len(values)))]
+
+    return Latency(len(values), pct(0.50), pct(0.99))
+
+
+async def first_id_at(
+    ends: tuple[int | None, int | None],
+    probe: Callable[[int], Awaitable[tuple[int, int] | None]],
+    ms: int,
+) -> int:
+    """The smallest id whose time is >= ms, for a table whose ids grow with time: a binary
+    search of about 20 primary-key probes instead of an index on the time.
+
+    `ends` are the table's smallest and largest ids (None: empty); `probe(mid)` gives the
+    nearest existing row at or after mid as (id, time), or None (retention leaves holes).
+    """
+    lo_id, hi_id = ends
+    if lo_id is None or hi_id is None:
+        return 1
+    lo, hi = int(lo_id), int(hi_id) + 1  # answer in [lo, hi]; hi: no row is that recent
+    while lo < hi:
+        mid = (lo + hi) // 2
+        found = await probe(mid)
+        if found is None or found[1] >= ms:
+            hi = mid
+        else:
+            lo = found[0] + 1
+    return lo

@@ -19,6 +19,7 @@ from pusherd.store.console import ConsoleStore
 from pusherd.store.errors import StoreError
 from pusherd.store.ids import IdSource
 from pusherd.store.postgres import ratelimit
+from pusherd.store.postgres.console import PostgresConsoleStore
 from pusherd.store.postgres.directory import Directory
 from pusherd.store.postgres.feed import CHANGE_CHANNEL, WAKE_CHANNEL, RemoteChanges
 from pusherd.store.postgres.ingest import GroupWriter
@@ -53,11 +54,12 @@ class PostgresStore(Directory, Queue, Records, Log):
         self.changes = ChangeFeed()
         self.changes.subscribe(self._changed)
         self.listener: Listener | None = None
+        self._console = PostgresConsoleStore(pool)
 
     @property
     def console(self) -> ConsoleStore:
-        """The console's queries are not written for PostgreSQL yet: its pages answer 503."""
-        raise StoreError("the web console is not available on PostgreSQL yet")
+        """The web console's reads and sign-in links (store/postgres/console.py)."""
+        return self._console
 
     def _changed(self, change: Change) -> None:
         # Fan-out targets of an organization change with its subscriptions; a change without

@@ -8,8 +8,6 @@ subscription; latency looks at no more than LATENCY_SAMPLE attempts.
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 import sqlite3
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +24,10 @@ from pusherd.store.console import (
     LogPage,
     LogRow,
     Queue,
+    first_id_at,
+    latency_of,
+    link_hash,
+    new_link_secret,
 )
 from pusherd.store.sqlite.db import Database
 from pusherd.store.sqlite.subscriptions import _COLUMNS as _SUB_COLUMNS
@@ -34,16 +36,10 @@ from pusherd.store.sqlite.tokens import _COLUMNS as _TOKEN_COLUMNS
 from pusherd.store.sqlite.tokens import _row as _token
 from pusherd.store.types import AttemptRecord, Subscription, Token
 
-LINK_PREFIX = "pcl_"
-
 _LOG_COLUMNS = (
     "d.id, e.event_name, d.status, d.attempts, d.created_ms, d.finished_ms,"
     " d.last_status_code, d.last_error, CASE WHEN d.status = 'pending' THEN d.due_ms END"
 )
-
-
-def _hash(secret: str) -> str:
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
 def _log_row(r: Sequence[Any]) -> LogRow:
@@ -69,22 +65,15 @@ class SqliteConsoleStore:
             f"SELECT (SELECT rowid FROM {table} ORDER BY rowid LIMIT 1),"
             f" (SELECT rowid FROM {table} ORDER BY rowid DESC LIMIT 1)"
         )
-        lo, hi = rows[0]
-        if lo is None:
-            return 1
-        lo, hi = int(lo), int(hi) + 1  # answer in [lo, hi]; hi: no row is that recent
-        while lo < hi:
-            mid = (lo + hi) // 2
-            # the nearest existing row at or after mid (retention leaves holes)
+
+        async def probe(mid: int) -> tuple[int, int] | None:
             found = await self.db.read(
                 f"SELECT rowid, {column} FROM {table} WHERE rowid >= ? ORDER BY rowid LIMIT 1",
                 (mid,),
             )
-            if not found or int(found[0][1]) >= ms:
-                hi = mid
-            else:
-                lo = int(found[0][0]) + 1
-        return lo
+            return (int(found[0][0]), int(found[0][1])) if found else None
+
+        return await first_id_at((rows[0][0], rows[0][1]), probe, ms)
 
     async def token_by_id(self, token_id: str) -> Token | None:
         """A token by its public id (sessions keep the id, never the secret)."""
@@ -144,14 +133,7 @@ class SqliteConsoleStore:
             f"{join} WHERE 1{where}",
             [first, LATENCY_SAMPLE, *params],
         )
-        values = sorted(float(r[0]) for r in rows)
-        if not values:
-            return Latency(0, None, None)
-
-        def pct(p: float) -> float:
-            return values[min(len(values) - 1, int(p * len(values)))]
-
-        return Latency(len(values), pct(0.50), pct(0.99))
+        return latency_of(r[0] for r in rows)
 
     async def queue(self, organization: str | None) -> Queue:
         """Pending deliveries and the age of the oldest (a range of the pending index)."""
@@ -241,8 +223,8 @@ class SqliteConsoleStore:
 
     async def create_link(self, organization: str, expires_ms: int) -> str:
         """Store a one-time sign-in link; returns its secret (only its hash is kept)."""
-        secret = LINK_PREFIX + secrets.token_urlsafe(32)
-        digest = _hash(secret)
+        secret = new_link_secret()
+        digest = link_hash(secret)
 
         def fn(conn: sqlite3.Connection) -> None:
             conn.execute(
@@ -258,13 +240,13 @@ class SqliteConsoleStore:
         """A sign-in link as stored (None when there is no such link)."""
         rows = await self.db.read(
             "SELECT organization, expires_ms, used_ms FROM console_links WHERE hash = ?",
-            (_hash(secret),),
+            (link_hash(secret),),
         )
         return LinkState(rows[0][0], rows[0][1], rows[0][2]) if rows else None
 
     async def redeem_link(self, secret: str) -> str | None:
         """Use a sign-in link: its organization, or None when unknown, used or expired."""
-        digest = _hash(secret)
+        digest = link_hash(secret)
 
         def fn(conn: sqlite3.Connection) -> str | None:
             row = conn.execute(
