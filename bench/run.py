@@ -868,7 +868,7 @@ def main() -> int:
     """Run every phase and print the table (stderr with --json) and the figures."""
     p = argparse.ArgumentParser(description="pusherd benchmark (see the module docstring)")
     p.add_argument(
-        "--quick", action="store_true", help="smaller backlog and shorter runs (~2.5 min)"
+        "--quick", action="store_true", help="smaller backlog and shorter runs (~3 min)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object with the figures")
     p.add_argument("--runs", type=int, help="runs per figure (at least 3)")
