@@ -72,7 +72,10 @@ async def claim(
 # outcome supersedes. All parts see one snapshot, in which the rows are still leased: a queue's next
 # due time is taken over the subscription's rows not finished here, and the retry times of those
 # that are. Queue rows are locked in subscription order first, so that two concurrent finishes
-# cannot deadlock.
+# cannot deadlock. The lock returns the row as last committed, which may be newer than the
+# snapshot (another xmin): then a writer that committed meanwhile, such as an ingest whose rows
+# are unseen here, set its due time, and that is kept (issue 12: else the new rows would wait
+# for nothing; at worst a claim finds nothing due and computes it afresh).
 _FINISH = """
 WITH args AS (
     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::integer[], $5::bigint[],
@@ -92,8 +95,11 @@ WITH args AS (
     INSERT INTO attempts (delivery_id, started_ms, duration_ms, status_code, error, response_body)
     SELECT a.id, a.at_ms, a.duration_ms, a.code, a.error, a.body
     FROM args a JOIN done ON done.id = a.id
+), seen AS (
+    SELECT q.subscription, q.xmin::text AS version FROM queues q
+    WHERE q.subscription IN (SELECT subscription FROM done)
 ), locked AS (
-    SELECT q.subscription FROM queues q
+    SELECT q.subscription, q.next_due_ms, q.xmin::text AS version FROM queues q
     WHERE q.subscription IN (SELECT subscription FROM done)
     ORDER BY q.subscription FOR UPDATE
 ), queued AS (
@@ -102,9 +108,11 @@ WITH args AS (
          WHERE d.subscription = q.subscription AND d.status = 'pending'
             AND d.id NOT IN (SELECT id FROM done)),
         (SELECT min(done.next_ms) FROM done
-         WHERE done.subscription = q.subscription AND done.status = 'pending')
+         WHERE done.subscription = q.subscription AND done.status = 'pending'),
+        CASE WHEN l.version IS DISTINCT FROM s.version THEN l.next_due_ms END
     )
-    FROM locked l WHERE q.subscription = l.subscription
+    FROM locked l LEFT JOIN seen s ON s.subscription = l.subscription
+    WHERE q.subscription = l.subscription
 )
 SELECT id FROM done
 """

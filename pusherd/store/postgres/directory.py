@@ -73,12 +73,18 @@ async def refresh_queues(conn: Conn, subscriptions: Iterable[str]) -> None:
     subs = sorted(set(subscriptions))
     if not subs:
         return
+    # The statement's snapshot is taken before the lock is granted: a due time that an ingest
+    # committed in between (its rows unseen here) is kept, as in finish_many (issue 12).
     await conn.execute(
-        "WITH locked AS (SELECT subscription FROM queues WHERE subscription = ANY($1::text[])"
-        " ORDER BY subscription FOR UPDATE)"
-        " UPDATE queues q SET next_due_ms = (SELECT min(d.due_ms) FROM deliveries d"
-        " WHERE d.subscription = q.subscription AND d.status = 'pending')"
-        " FROM locked l WHERE q.subscription = l.subscription",
+        "WITH seen AS (SELECT subscription, xmin::text AS version FROM queues"
+        " WHERE subscription = ANY($1::text[])),"
+        " locked AS (SELECT subscription, next_due_ms, xmin::text AS version FROM queues"
+        " WHERE subscription = ANY($1::text[]) ORDER BY subscription FOR UPDATE)"
+        " UPDATE queues q SET next_due_ms = least((SELECT min(d.due_ms) FROM deliveries d"
+        " WHERE d.subscription = q.subscription AND d.status = 'pending'),"
+        " CASE WHEN l.version IS DISTINCT FROM s.version THEN l.next_due_ms END)"
+        " FROM locked l LEFT JOIN seen s ON s.subscription = l.subscription"
+        " WHERE q.subscription = l.subscription",
         subs,
     )
 

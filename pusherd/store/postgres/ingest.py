@@ -11,6 +11,13 @@ answer means the rows are on disk.
 
 Duplicates are settled before the statement for repeats inside the group (the first one wins),
 and after it, with one more query, for messageIds stored earlier or by another process.
+
+Every queue the group adds to is written, even one already due (issue 12): a test on the due time
+would be judged on the statement's snapshot, and skip a queue that a claim or record in flight is
+about to move later without seeing the new rows. Written, the row is locked (in subscription
+order, as finish_many locks them), so the ingest waits for such a writer and then marks the queue
+due on top of what it committed; and a record whose snapshot predates this commit sees that the
+queue row changed (claims.py keeps the due time then).
 """
 
 from __future__ import annotations
@@ -46,10 +53,13 @@ WITH new_events AS (
         ON e.organization = ($2::text[])[f.k] AND e.message_id = ($4::text[])[f.k]
     ORDER BY f.i
     RETURNING id, event_seq, subscription
-), due AS (
-    UPDATE queues SET next_due_ms = $7
+), locked AS (
+    SELECT subscription FROM queues
     WHERE subscription IN (SELECT subscription FROM new_deliveries)
-        AND (next_due_ms IS NULL OR next_due_ms > $7)
+    ORDER BY subscription FOR UPDATE
+), due AS (
+    UPDATE queues q SET next_due_ms = least(q.next_due_ms, $7)
+    FROM locked l WHERE q.subscription = l.subscription
 ), woke AS (
     SELECT pg_notify('pusherd_wake', $11::text) FROM (SELECT 1 FROM new_deliveries LIMIT 1) one
 )
