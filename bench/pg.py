@@ -127,6 +127,7 @@ def pg_delivery(
         n_e2e = int(s.e2e_rate * s.e2e_s)
         run.loadgen("e2e", "--url", daemon.events_url, "--org", org, "--n", "300",
                     "--prefix", "pg-warm", "--rate", str(s.e2e_rate))  # fmt: skip
+        recv.wait_count(port, 300, 60)  # all warm-up deliveries in before the first reset
         for i in range(s.runs):
             run.e2e_run(daemon, recv, port, org, n_e2e, f"pg-e2e{i}", s.e2e_rate, res, "pg_")
         for i in range(s.runs):
