@@ -1,6 +1,8 @@
 """pusherd benchmark: intake, delivery, latency, backlog and isolation against same-run baselines.
 
-Usage: python bench/run.py [--quick] [--json] [--runs N]
+Usage: python bench/run.py [--quick] [--json] [--runs N] [--storage sqlite|postgres]
+
+`--storage postgres` takes the PostgreSQL figures instead (bench/pg.py's docstring says how).
 
 Everything runs on loopback, each part in its own process: `pusherd serve` (a real subprocess with a
 temporary SQLite file, log level "warning" so that logging stays out of the figures), the receiver
@@ -279,7 +281,14 @@ class Receiver:
 class Daemon:
     """A `pusherd serve` subprocess on a temporary database."""
 
-    def __init__(self, procs: Procs, workdir: Path, name: str, delivery: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        procs: Procs,
+        workdir: Path,
+        name: str,
+        delivery: dict[str, Any],
+        storage_url: str = "",
+    ) -> None:
         self.procs = procs
         self.dir = workdir / name
         self.dir.mkdir()
@@ -299,7 +308,7 @@ class Daemon:
             "[ingest]",
             f'listen = "127.0.0.1:{self.ingest_port}"',
             "[storage]",
-            f'path = "{self.dir / "pusherd.sqlite3"}"',
+            f'url = "{storage_url}"' if storage_url else f'path = "{self.dir / "pusherd.sqlite3"}"',
             "[delivery]",
             *(f"{k} = {json.dumps(v)}" for k, v in d.items()),
             "[ratelimit]",
@@ -589,6 +598,46 @@ def drain_run(
     return n / (t_n - t0)
 
 
+def e2e_run(
+    daemon: Daemon,
+    recv: Receiver,
+    port: int,
+    org: str,
+    n: int,
+    prefix: str,
+    rate: float,
+    res: Results,
+    key_prefix: str,
+) -> None:
+    """n single-event requests at a fixed offered rate; record the latency percentiles."""
+    recv.reset(port)
+    out = loadgen("e2e", "--url", daemon.events_url, "--org", org, "--n", str(n),
+                  "--prefix", prefix, "--rate", str(rate))  # fmt: skip
+    if out["errors"]:
+        raise RuntimeError(f"e2e: {out['errors']} requests were not answered 202")
+    recv.wait_count(port, n, 60)
+    arrivals = recv.arrivals(port)
+    # A straggler of an earlier run may count towards n: wait for every id of this one.
+    deadline = time.monotonic() + 60
+    while not out["times"].keys() <= arrivals.keys():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"e2e {prefix}: not every event reached the receiver")
+        time.sleep(0.05)
+        arrivals = recv.arrivals(port)
+    from_ack = sorted((arrivals[m] - t[1]) * 1000 for m, t in out["times"].items())
+    from_start = sorted((arrivals[m] - t[0]) * 1000 for m, t in out["times"].items())
+    res.add(f"{key_prefix}e2e_p50_ms", pct(from_ack, 50))
+    res.add(f"{key_prefix}e2e_p99_ms", pct(from_ack, 99))
+    res.add(f"{key_prefix}e2e_start_p50_ms", pct(from_start, 50))
+    res.add(f"{key_prefix}e2e_start_p99_ms", pct(from_start, 99))
+    res.add(f"{key_prefix}e2e_achieved_rate", float(out["achieved_rate"]))
+    say(
+        f"{key_prefix}e2e {prefix}: 202->receiver p50 {pct(from_ack, 50):.2f} ms,"
+        f" p99 {pct(from_ack, 99):.2f} ms, start->receiver p99 {pct(from_start, 99):.2f} ms"
+        f" (offered {out['achieved_rate']:.0f}/s)"
+    )
+
+
 def phase_delivery(s: Settings, procs: Procs, workdir: Path, res: Results) -> None:
     """e2e latency, deliver_rps against its baseline, then the big backlog."""
     recv = Receiver(procs, ports=1)
@@ -605,24 +654,7 @@ def phase_delivery(s: Settings, procs: Procs, workdir: Path, res: Results) -> No
         loadgen("e2e", "--url", daemon.events_url, "--org", org, "--n", "300",
                 "--prefix", "warm", "--rate", str(s.e2e_rate))  # fmt: skip
         for i in range(s.runs):
-            recv.reset(port)
-            out = loadgen("e2e", "--url", daemon.events_url, "--org", org, "--n", str(n_e2e),
-                          "--prefix", f"e2e{i}", "--rate", str(s.e2e_rate))  # fmt: skip
-            if out["errors"]:
-                raise RuntimeError(f"e2e: {out['errors']} requests were not answered 202")
-            recv.wait_count(port, n_e2e, 60)
-            arrivals = recv.arrivals(port)
-            from_ack = sorted((arrivals[m] - t[1]) * 1000 for m, t in out["times"].items())
-            from_start = sorted((arrivals[m] - t[0]) * 1000 for m, t in out["times"].items())
-            res.add("e2e_p50_ms", pct(from_ack, 50))
-            res.add("e2e_p99_ms", pct(from_ack, 99))
-            res.add("e2e_start_p50_ms", pct(from_start, 50))
-            res.add("e2e_start_p99_ms", pct(from_start, 99))
-            res.add("e2e_achieved_rate", float(out["achieved_rate"]))
-            say(
-                f"e2e run {i + 1}: 202->receiver p50 {pct(from_ack, 50):.2f} ms,"
-                f" p99 {pct(from_ack, 99):.2f} ms (offered {out['achieved_rate']:.0f}/s)"
-            )
+            e2e_run(daemon, recv, port, org, n_e2e, f"e2e{i}", s.e2e_rate, res, "")
         # The backlog lives in a second daemon with its own receiver process, so that each
         # backlog window is taken right after an empty-queue deliver run: both see the same
         # moment of this shared machine.
@@ -808,13 +840,31 @@ def figures(res: Results) -> dict[str, float]:
     return {k: round(out[k], 3) for k in KEYS}
 
 
-def verdict(key: str, value: float) -> str:
+def verdict(key: str, value: float, targets: dict[str, tuple[str, float]] | None = None) -> str:
     """PASS / FAIL against the issue's target, "" for figures without one."""
-    if key not in TARGETS:
+    targets = TARGETS if targets is None else targets
+    if key not in targets:
         return ""
-    op, target = TARGETS[key]
+    op, target = targets[key]
     ok = value >= target if op == ">=" else value <= target
     return "PASS" if ok else "FAIL"
+
+
+def rows(
+    fig: dict[str, float],
+    res: Results,
+    keys: tuple[str, ...],
+    targets: dict[str, tuple[str, float]],
+) -> list[str]:
+    """One table line per figure: value, target, verdict, the runs behind it."""
+    lines = []
+    for key in keys:
+        target = targets.get(key)
+        t = f"{target[0]} {target[1]:g}" if target else ""
+        shown = " ".join(f"{v:.4g}" for v in res.samples.get(key, []))
+        v = verdict(key, fig[key], targets)
+        lines.append(f"{key:<22}{fig[key]:>12.3f}  {t:<10}{v:<6}{shown}")
+    return lines
 
 
 def table(fig: dict[str, float], res: Results, s: Settings, elapsed: float) -> str:
@@ -824,12 +874,7 @@ def table(fig: dict[str, float], res: Results, s: Settings, elapsed: float) -> s
         f" {os.cpu_count()} CPUs, daemon log level 'warning', {elapsed:.0f}s)",
         f"{'figure':<22}{'value':>12}  {'target':<10}{'':<6}runs",
     ]
-    for key in KEYS:
-        target = TARGETS.get(key)
-        t = f"{target[0]} {target[1]:g}" if target else ""
-        runs = res.samples.get(key, [])
-        shown = " ".join(f"{v:.4g}" for v in runs)
-        lines.append(f"{key:<22}{fig[key]:>12.3f}  {t:<10}{verdict(key, fig[key]):<6}{shown}")
+    lines += rows(fig, res, KEYS, TARGETS)
     extra = {
         "e2e request start -> receiver p50/p99 ms": (
             f"{res.med('e2e_start_p50_ms'):.2f} / {res.med('e2e_start_p99_ms'):.2f}"
@@ -867,11 +912,15 @@ def workspace() -> Iterator[Path]:
 def main() -> int:
     """Run every phase and print the table (stderr with --json) and the figures."""
     p = argparse.ArgumentParser(description="pusherd benchmark (see the module docstring)")
-    p.add_argument(
-        "--quick", action="store_true", help="smaller backlog and shorter runs (~3 min)"
-    )
+    p.add_argument("--quick", action="store_true", help="smaller backlog and shorter runs (~3 min)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the figures")
     p.add_argument("--runs", type=int, help="runs per figure (at least 3)")
+    p.add_argument(
+        "--storage",
+        choices=["sqlite", "postgres"],
+        default="sqlite",
+        help="postgres: the PostgreSQL figures (bench/pg.py) on a server the bench starts",
+    )
     p.add_argument(
         "--only",
         choices=["intake", "delivery", "isolation", "isolation50", "growth"],
@@ -885,6 +934,8 @@ def main() -> int:
     procs = Procs()
     res = Results()
     started = time.monotonic()
+    if a.storage == "postgres":
+        return main_pg(s, procs, res, started, a.json)
     phases = {
         "intake": phase_intake,
         "delivery": phase_delivery,
@@ -909,6 +960,25 @@ def main() -> int:
     fig = figures(res)
     report = table(fig, res, s, elapsed)
     if a.json:
+        print(report, file=sys.stderr)
+        print(json.dumps(fig))
+    else:
+        print(report)
+    return 0
+
+
+def main_pg(s: Settings, procs: Procs, res: Results, started: float, as_json: bool) -> int:
+    """`--storage postgres`: only the PostgreSQL phases (bench/pg.py), their table and figures."""
+    import pg
+
+    try:
+        with workspace() as workdir:
+            pg.phase_pg(s, procs, workdir, res, sys.modules[__name__])
+    finally:
+        procs.stop_all()
+    fig = pg.pg_figures(res)
+    report = pg.pg_table(fig, res, s, sys.modules[__name__], time.monotonic() - started)
+    if as_json:
         print(report, file=sys.stderr)
         print(json.dumps(fig))
     else:
