@@ -65,7 +65,12 @@ async def seed(db: asyncpg.Pool, sub: str, origin: str, due: list[int]) -> list[
     return ids
 
 
-async def take(db: asyncpg.Pool | asyncpg.Connection, owner: str = "p1", **kw: int) -> Claimed:
+async def take(
+    db: asyncpg.Pool | asyncpg.Connection,
+    owner: str = "p1",
+    alone_total: int | None = None,
+    **kw: int,
+) -> Claimed:
     args = {"default_room": 100, "budget": 100, "per_destination": 100, "now_ms": 1_000}
     args.update(kw)
     return await claim(
@@ -77,6 +82,7 @@ async def take(db: asyncpg.Pool | asyncpg.Connection, owner: str = "p1", **kw: i
         args["per_destination"],
         args["now_ms"],
         LEASE_MS,
+        alone_total=alone_total,
     )
 
 
@@ -116,6 +122,29 @@ async def test_an_origin_gets_no_more_than_its_room(db: asyncpg.Pool) -> None:
     await seed(db, "sub-b", "https://b:443", [1, 2, 3, 4])
     got = await claim(db, "p1", {"https://a:443": 1, "https://b:443": 0}, 2, 100, 100, 1_000, 1)
     assert [r["subscription"] for r in got.rows] == ["sub-a"]
+
+
+async def test_a_sole_holder_keeps_rows_ready_but_shares_within_per_destination(
+    db: asyncpg.Pool,
+) -> None:
+    # Issue 12: alone on an origin, a process leases rows ready behind its attempts (its own
+    # per_destination limits those); beside another holder, all leases stay within the limit.
+    origin = "https://one:443"
+    await seed(db, "sub-a", origin, list(range(1, 21)))
+    first = await take(db, "p1", alone_total=8, per_destination=2)
+    assert len(first.rows) == 8
+    assert (await take(db, "p2", alone_total=8, per_destination=2)).rows == []
+    for row in first.rows[:7]:
+        assert await finish(db, "p1", row["id"], row["lease_token"], delivered(1_000))
+    second = await take(db, "p2", alone_total=8, per_destination=2)
+    assert len(second.rows) == 1  # p1 still holds one: two in all
+    assert (await take(db, "p1", alone_total=8, per_destination=2)).rows == []
+    assert await live_leases(db, origin) == 2
+    # Without alone_total (other callers), per_destination caps even a sole holder.
+    assert await finish(db, "p1", first.rows[7]["id"], first.rows[7]["lease_token"], delivered(1))
+    row = second.rows[0]
+    assert await finish(db, "p2", row["id"], row["lease_token"], delivered(1_000))
+    assert len((await take(db, "p3", per_destination=2)).rows) == 2
 
 
 async def test_per_destination_holds_across_concurrent_claimers(db: asyncpg.Pool) -> None:

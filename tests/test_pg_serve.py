@@ -302,9 +302,9 @@ async def test_per_destination_holds_across_processes(
             event = {"eventName": "ProductCreated", "organizationUuid": ORG, "messageId": f"p-{i}"}
             async with session.post(svc.ingest + "/events", json={**event, "payload": {}}) as r:
                 assert r.status == 202
-        # Both processes have work due for the origin and room of their own (each leases up to
-        # per_destination ahead of its slow-started window); together they hold at most two
-        # live leases on it, and so at most two attempts.
+        # Both processes have work due for the origin and room of their own: together they
+        # make at most two attempts. Leases beside another holder's stay within two in all; a
+        # process alone on the origin may hold rows ready behind its attempts (issue 12).
         await receiver.wait_for(1, timeout=10)
         await asyncio.sleep(2.5)  # both dispatchers poll at least once a second meanwhile
         db = await asyncpg.connect(pg_url)
@@ -316,7 +316,8 @@ async def test_per_destination_holds_across_processes(
             )
         finally:
             await db.close()
-        assert 1 <= len(leased) <= 2 and 1 <= len(receiver.requests) <= 2
+        assert 1 <= len(receiver.requests) <= 2
+        assert 1 <= len(leased) <= (2 if len({r[0] for r in leased}) > 1 else 2 * 4)
         answer.set()  # now they go on, two at a time
         await receiver.wait_for(10, "ProductCreated", timeout=20)
         assert await asyncio.to_thread(first.stop) == 0

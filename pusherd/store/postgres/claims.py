@@ -21,7 +21,7 @@ from pusherd.store.postgres.pool import Pool
 
 Executor = asyncpg.Connection | asyncpg.Pool | asyncpg.pool.PoolConnectionProxy | Pool
 
-_CLAIM = "SELECT * FROM pusherd_claim($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+_CLAIM = "SELECT * FROM pusherd_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,12 @@ async def claim(
     now_ms: int | None,
     lease_ms: int,
     default_total: int | None = None,
+    alone_total: int | None = None,
 ) -> Claimed:
     """Lease due deliveries (see pusherd_claim) in one round trip; now_ms None: by the
-    database's clock, which every process shares (what a deployment on several machines uses)."""
+    database's clock, which every process shares (what a deployment on several machines uses).
+    alone_total: the live leases an owner may hold on an origin no other owner holds any of
+    (rows ready behind its attempts; None: per_destination, as with other owners)."""
     origins = list(room)
     rows = await db.fetch(
         _CLAIM,
@@ -58,6 +61,7 @@ async def claim(
         now_ms,
         lease_ms,
         default_total,
+        alone_total,
     )
     summary = rows[-1]  # always last, id NULL
     next_due = summary["next_due_ms"]

@@ -53,6 +53,12 @@ def _result(out: EventOut) -> IngestResult:
     )
 
 
+# Rows an origin's attempts may have claimed and ready behind them, per slot (the dispatcher's
+# QUEUE_FACTOR); and the most any claim counts (a PostgreSQL integer).
+READY_FACTOR = 3
+UNLIMITED_LEASES = 2**31 - 1
+
+
 class Queue:
     """Ingest and the dispatcher's side (mixed into PostgresStore)."""
 
@@ -162,6 +168,9 @@ class Queue:
             None,
             lease_ms,
             default_total,
+            # Alone on an origin, rows ready behind the attempts in flight, as the dispatcher
+            # asks for (its own per_destination keeps the attempts within the limit).
+            min(self.per_destination * (1 + READY_FACTOR), UNLIMITED_LEASES),
         )
         now = now_ms()
         out = []
