@@ -18,10 +18,9 @@ from pusherd.store.postgres.directory import refresh_queues
 from pusherd.store.postgres.ingest import EventIn, GroupWriter
 from pusherd.store.postgres.migrate import migrate_url
 from pusherd.store.postgres.pool import Pool
-from tests.conftest import ALL_SCOPES, Receiver
-from tests.service import run_cli_async
+from tests.conftest import Receiver
 from tests.test_pg_cli import config_with_url
-from tests.test_pg_serve import serving
+from tests.test_pg_serve import admin_auth, serving, subscribe
 
 ORG = "5a0b9c1e-1d2f-4a3b-8c4d-111111111111"
 SUB = "11111111-1111-4111-8111-111111111111"
@@ -213,23 +212,9 @@ async def test_each_event_reaches_the_receiver_at_once_end_to_end(
     """Events ingested one at a time, each as soon as the one before arrived (so while its
     attempt is being recorded), each arrive within 2 s, not at the next event (issue 12)."""
     config = config_with_url(tmp_path / "one.toml", tmp_path / "one.sqlite3", pg_url)
-    scopes = [arg for scope in ALL_SCOPES for arg in ("--scope", scope)]
-    code, token, err = await run_cli_async(
-        "token", "create", "--config", str(config), "--org", ORG, *scopes
-    )
-    assert code == 0, err
-    auth = {"Authorization": f"Bearer {token.strip()}"}
+    auth = await admin_auth(config)
     async with serving(config, config.read_text()) as svc, aiohttp.ClientSession() as session:
-        body = {
-            "uuid": SUB,
-            "transportName": "WEBHOOK",
-            "eventNames": ["ProductCreated"],
-            "destination": receiver.url,
-            "contactEmail": "ops@example.com",
-        }
-        url = svc.api + "/organizations/self/subscriptions"
-        async with session.post(url, json=body, headers=auth) as resp:
-            assert resp.status == 200, await resp.text()
+        await subscribe(session, svc.api, auth, receiver.url)
         await receiver.wait_for(1, timeout=5)  # the TestMessage
         for n in range(40):
             event = {

@@ -34,17 +34,38 @@ async def serving(config: Path, text: str) -> AsyncIterator[Service]:
         await asyncio.to_thread(service.kill)
 
 
+async def admin_auth(config: Path) -> dict[str, str]:
+    """The Authorization header of a new token with every event scope (made by the CLI)."""
+    scopes = [arg for scope in ALL_SCOPES for arg in ("--scope", scope)]
+    code, token, err = await run_cli_async(
+        "token", "create", "--config", str(config), "--org", ORG, *scopes
+    )
+    assert code == 0, err
+    return {"Authorization": f"Bearer {token.strip()}"}
+
+
+async def subscribe(
+    session: aiohttp.ClientSession, api: str, auth: dict[str, str], destination: str
+) -> None:
+    """Subscribe `destination` to ProductCreated as SUB through the Zettle dialect."""
+    body = {
+        "uuid": SUB,
+        "transportName": "WEBHOOK",
+        "eventNames": ["ProductCreated"],
+        "destination": destination,
+        "contactEmail": "ops@example.com",
+    }
+    url = api + "/organizations/self/subscriptions"
+    async with session.post(url, json=body, headers=auth) as resp:
+        assert resp.status == 200, await resp.text()
+
+
 async def test_a_subscription_made_through_one_process_gets_events_ingested_by_another(
     tmp_path: Path, pg_url: str, receiver: Receiver
 ) -> None:
     one = config_with_url(tmp_path / "one.toml", tmp_path / "one.sqlite3", pg_url)
     two = config_with_url(tmp_path / "two.toml", tmp_path / "two.sqlite3", pg_url)
-    scopes = [arg for scope in ALL_SCOPES for arg in ("--scope", scope)]
-    code, token, err = await run_cli_async(
-        "token", "create", "--config", str(one), "--org", ORG, *scopes
-    )
-    assert code == 0, err
-    auth = {"Authorization": f"Bearer {token.strip()}"}
+    auth = await admin_auth(one)
     one_text, two_text = one.read_text(), two.read_text()
     async with (
         serving(one, one_text) as first,
@@ -56,16 +77,7 @@ async def test_a_subscription_made_through_one_process_gets_events_ingested_by_a
             url = svc.api + "/organizations/self/subscriptions"
             async with session.get(url, headers=auth) as resp:
                 assert resp.status == 200 and await resp.json() == []
-        body = {
-            "uuid": SUB,
-            "transportName": "WEBHOOK",
-            "eventNames": ["ProductCreated"],
-            "destination": receiver.url,
-            "contactEmail": "ops@example.com",
-        }
-        url = first.api + "/organizations/self/subscriptions"
-        async with session.post(url, json=body, headers=auth) as resp:
-            assert resp.status == 200, await resp.text()
+        await subscribe(session, first.api, auth, receiver.url)
         url = second.api + "/organizations/self/subscriptions"
         async with session.get(url, headers=auth) as resp:
             assert [s["uuid"] for s in await resp.json()] == [SUB]
@@ -116,12 +128,7 @@ async def test_deliveries_leased_by_a_killed_process_are_delivered_by_another(
         text = config.read_text().replace("[delivery]\n", '[delivery]\nlease = "2s"\n', 1)
         config.write_text(text)
         configs.append((config, text))
-    scopes = [arg for scope in ALL_SCOPES for arg in ("--scope", scope)]
-    code, token, err = await run_cli_async(
-        "token", "create", "--config", str(configs[0][0]), "--org", ORG, *scopes
-    )
-    assert code == 0, err
-    auth = {"Authorization": f"Bearer {token.strip()}"}
+    auth = await admin_auth(configs[0][0])
     answer = asyncio.Event()
 
     async def hang(request: web.Request) -> web.StreamResponse:
@@ -132,16 +139,7 @@ async def test_deliveries_leased_by_a_killed_process_are_delivered_by_another(
     mids = [f"k-{i}" for i in range(3)]
     async with aiohttp.ClientSession() as session:
         async with serving(*configs[0]) as first:
-            body = {
-                "uuid": SUB,
-                "transportName": "WEBHOOK",
-                "eventNames": ["ProductCreated"],
-                "destination": receiver.url,
-                "contactEmail": "ops@example.com",
-            }
-            url = first.api + "/organizations/self/subscriptions"
-            async with session.post(url, json=body, headers=auth) as resp:
-                assert resp.status == 200, await resp.text()
+            await subscribe(session, first.api, auth, receiver.url)
             for mid in mids:
                 event = {
                     "eventName": "ProductCreated",
@@ -167,12 +165,7 @@ async def test_a_database_restart_mid_ingest_loses_nothing_acknowledged(
     tmp_path: Path, pg_server: PgServer, pg_url: str, receiver: Receiver
 ) -> None:
     config = config_with_url(tmp_path / "one.toml", tmp_path / "one.sqlite3", pg_url)
-    scopes = [arg for scope in ALL_SCOPES for arg in ("--scope", scope)]
-    code, token, err = await run_cli_async(
-        "token", "create", "--config", str(config), "--org", ORG, *scopes
-    )
-    assert code == 0, err
-    auth = {"Authorization": f"Bearer {token.strip()}"}
+    auth = await admin_auth(config)
     acked: list[str] = []
     statuses: set[int] = set()
     stop = asyncio.Event()
@@ -192,16 +185,7 @@ async def test_a_database_restart_mid_ingest_loses_nothing_acknowledged(
                 statuses.add(0)
 
     async with serving(config, config.read_text()) as svc, aiohttp.ClientSession() as session:
-        body = {
-            "uuid": SUB,
-            "transportName": "WEBHOOK",
-            "eventNames": ["ProductCreated"],
-            "destination": receiver.url,
-            "contactEmail": "ops@example.com",
-        }
-        url = svc.api + "/organizations/self/subscriptions"
-        async with session.post(url, json=body, headers=auth) as resp:
-            assert resp.status == 200, await resp.text()
+        await subscribe(session, svc.api, auth, receiver.url)
         loader = asyncio.create_task(load(session, svc.ingest + "/events"))
         deadline = asyncio.get_running_loop().time() + 20
         while len(acked) < 50:
@@ -231,12 +215,7 @@ async def test_rate_limits_count_across_processes(tmp_path: Path, pg_url: str) -
         text = config.read_text() + "[ratelimit]\nper_minute = 4\nper_hour = 100\n"
         config.write_text(text)
         texts.append((config, text))
-    scopes = [arg for scope in ALL_SCOPES for arg in ("--scope", scope)]
-    code, token, err = await run_cli_async(
-        "token", "create", "--config", str(texts[0][0]), "--org", ORG, *scopes
-    )
-    assert code == 0, err
-    auth = {"Authorization": f"Bearer {token.strip()}"}
+    auth = await admin_auth(texts[0][0])
     async with (
         serving(*texts[0]) as first,
         serving(*texts[1]) as second,
@@ -270,12 +249,7 @@ async def test_per_destination_holds_across_processes(
         text = text.replace('timeout = "2s"\n', "")
         config.write_text(text)
         texts.append((config, text))
-    scopes = [arg for scope in ALL_SCOPES for arg in ("--scope", scope)]
-    code, token, err = await run_cli_async(
-        "token", "create", "--config", str(texts[0][0]), "--org", ORG, *scopes
-    )
-    assert code == 0, err
-    auth = {"Authorization": f"Bearer {token.strip()}"}
+    auth = await admin_auth(texts[0][0])
     answer = asyncio.Event()
 
     async def hang(request: web.Request) -> web.StreamResponse:
@@ -288,16 +262,7 @@ async def test_per_destination_holds_across_processes(
         serving(*texts[1]) as second,
         aiohttp.ClientSession() as session,
     ):
-        body = {
-            "uuid": SUB,
-            "transportName": "WEBHOOK",
-            "eventNames": ["ProductCreated"],
-            "destination": receiver.url,
-            "contactEmail": "ops@example.com",
-        }
-        url = first.api + "/organizations/self/subscriptions"
-        async with session.post(url, json=body, headers=auth) as resp:
-            assert resp.status == 200, await resp.text()
+        await subscribe(session, first.api, auth, receiver.url)
         for i, svc in enumerate([first, second] * 5):
             event = {"eventName": "ProductCreated", "organizationUuid": ORG, "messageId": f"p-{i}"}
             async with session.post(svc.ingest + "/events", json={**event, "payload": {}}) as r:

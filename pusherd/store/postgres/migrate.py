@@ -10,12 +10,12 @@ written by a newer pusherd is refused untouched, as with SQLite.
 from __future__ import annotations
 
 import time
-from importlib import resources
 
 import asyncpg
 import structlog
 
 from pusherd.store import SchemaTooNewError
+from pusherd.store.migrations import read_migrations
 
 log = structlog.get_logger("pusherd.store")
 
@@ -33,17 +33,7 @@ CREATE TABLE IF NOT EXISTS pusherd_schema (
 
 def migrations() -> list[tuple[int, str]]:
     """Ordered (version, sql) pairs from store/postgres/migrations/NNNN_name.sql."""
-    folder = resources.files("pusherd.store.postgres") / "migrations"
-    found = []
-    for entry in folder.iterdir():
-        name = entry.name
-        if name.endswith(".sql") and name[:4].isdigit():
-            found.append((int(name[:4]), entry.read_text(encoding="utf-8")))
-    found.sort()
-    for expected, (version, _) in enumerate(found, start=1):
-        if version != expected:
-            raise RuntimeError(f"migration numbering has a gap at {expected:04d}")
-    return found
+    return read_migrations("pusherd.store.postgres")
 
 
 def latest_version() -> int:

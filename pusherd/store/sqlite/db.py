@@ -14,7 +14,6 @@ import contextlib
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +21,7 @@ import aiosqlite
 import structlog
 
 from pusherd.store.errors import SchemaTooNewError, StoreError
+from pusherd.store.migrations import read_migrations
 from pusherd.store.sqlite.queues import register_functions
 
 T = TypeVar("T")
@@ -34,17 +34,7 @@ CHECKPOINT_EVERY_S = 0.5
 
 def migrations() -> list[tuple[int, str]]:
     """Ordered (version, sql) pairs from store/sqlite/migrations/NNNN_name.sql."""
-    folder = resources.files("pusherd.store.sqlite") / "migrations"
-    found = []
-    for entry in folder.iterdir():
-        name = entry.name
-        if name.endswith(".sql") and name[:4].isdigit():
-            found.append((int(name[:4]), entry.read_text(encoding="utf-8")))
-    found.sort()
-    for expected, (version, _) in enumerate(found, start=1):
-        if version != expected:
-            raise RuntimeError(f"migration numbering has a gap at {expected:04d}")
-    return found
+    return read_migrations("pusherd.store.sqlite")
 
 
 def latest_version() -> int:
