@@ -4,13 +4,7 @@ interface: a new backend is added as a parameter of the `store` fixture and must
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
-
-from pusherd.config import StorageConfig
-from pusherd.store import Store, open_store
+from pusherd.store import Store
 from pusherd.store.console import LogFilter
 from pusherd.store.types import NewEvent
 from tests.test_store_contract import (
@@ -23,22 +17,9 @@ from tests.test_store_contract import (
     record,
     subscribe,
 )
+from tests.test_store_contract import store as store_fixture
 
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    """An empty store of each backend, opened as the daemon opens it (open_store(config)):
-    PostgreSQL in a fresh database of the test server (tests/pg.py)."""
-    if request.param == "postgres":
-        url = request.getfixturevalue("pg_url")
-        config = StorageConfig(path=str(tmp_path / "unused.sqlite3"), url=url)
-    else:
-        config = StorageConfig(path=str(tmp_path / "pusherd.sqlite3"))
-    s = await open_store(config)
-    try:
-        yield s
-    finally:
-        await s.close()
+store = store_fixture  # the contract suite's fixture: an empty store of each backend
 
 
 async def test_a_sign_in_link_signs_in_once(store: Store) -> None:

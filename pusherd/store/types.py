@@ -6,6 +6,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Protocol
 
+import orjson
+
 SubscriptionStatus = Literal["ACTIVE", "FAILING", "DISABLED"]
 DeliveryStatus = Literal["pending", "delivered", "failed", "cancelled"]
 # What an attempt's outcome does to its delivery.
@@ -73,6 +75,31 @@ class SubscriptionChanges:
     destination: str | None = None
     contact_email: str | None = None
     status: SubscriptionStatus | None = None
+
+    def assignments(self, current_status: str, updated_ms: int) -> list[tuple[str, object]]:
+        """The (column, value) pairs of the UPDATE that applies it (None: SQL NULL); lists
+        are stored as JSON arrays, and re-activating clears the failing streak."""
+        pairs: list[tuple[str, object]] = [
+            (column, value)
+            for column, value in (
+                ("transport", self.transport),
+                ("event_names", None if self.event_names is None else _json(self.event_names)),
+                ("scopes", None if self.scopes is None else _json(self.scopes)),
+                ("destination", self.destination),
+                ("contact_email", self.contact_email),
+            )
+            if value is not None
+        ]
+        if self.status is not None and self.status != current_status:
+            pairs.append(("status", self.status))
+            if self.status == "ACTIVE":
+                pairs.append(("failing_since_ms", None))
+        pairs.append(("updated_ms", updated_ms))
+        return pairs
+
+
+def _json(items: Sequence[str]) -> str:
+    return orjson.dumps(list(items)).decode()
 
 
 class NewEvent(NamedTuple):  # a tuple: ingest builds one per event, and a tuple is built fastest

@@ -270,33 +270,13 @@ class Directory:
             if row is None:
                 return None
             sub = sub_row(row)
-            sets: list[str] = []
-            params: list[Any] = []
-            for column, value in (
-                ("transport", changes.transport),
-                (
-                    "event_names",
-                    None if changes.event_names is None else _json(changes.event_names),
-                ),
-                ("scopes", None if changes.scopes is None else _json(changes.scopes)),
-                ("destination", changes.destination),
-                ("contact_email", changes.contact_email),
-            ):
-                if value is not None:
-                    params.append(value)
-                    sets.append(f"{column} = ${len(params)}")
-            if changes.status is not None and changes.status != sub.status:
-                params.append(changes.status)
-                sets.append(f"status = ${len(params)}")
-                if changes.status == "ACTIVE":
-                    sets.append("failing_since_ms = NULL")
-            params.append(now_ms())
-            sets.append(f"updated_ms = ${len(params)}")
-            params.append(uuid)
+            pairs = changes.assignments(sub.status, now_ms())
+            sets = ", ".join(f"{column} = ${i}" for i, (column, _) in enumerate(pairs, start=1))
             row = await conn.fetchrow(
-                f"UPDATE subscriptions SET {', '.join(sets)} WHERE uuid = ${len(params)}"
+                f"UPDATE subscriptions SET {sets} WHERE uuid = ${len(pairs) + 1}"
                 f" RETURNING {_SUB_COLUMNS}",
-                *params,
+                *(value for _, value in pairs),
+                uuid,
             )
             await sync_queue(conn, uuid)
             updated = sub_row(row)

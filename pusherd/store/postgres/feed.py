@@ -9,27 +9,18 @@ and ingest sends one `pusherd_wake` per group commit, not per row.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 import orjson
 import structlog
 
-from pusherd.store.changes import Change, ChangeFeed
+from pusherd.store.changes import Change, ChangeFeed, ChangeKind
 
 log = structlog.get_logger("pusherd.store")
 
 CHANGE_CHANNEL = "pusherd_change"
 WAKE_CHANNEL = "pusherd_wake"
-_KINDS = {
-    "subscription_created",
-    "subscription_changed",
-    "subscription_deleted",
-    "subscription_disabled",
-    "key_rotated",
-    "token_created",
-    "token_revoked",
-    "deliveries_queued",
-}
+_KINDS = frozenset(get_args(ChangeKind))
 QUEUED = Change("deliveries_queued")
 
 

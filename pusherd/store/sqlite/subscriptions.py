@@ -146,30 +146,11 @@ class SubscriptionStore:
             sub = get_subscription(conn, organization, uuid)
             if sub is None:
                 return None
-            sets: list[str] = []
-            params: list[Any] = []
-            for column, value in (
-                ("transport", changes.transport),
-                (
-                    "event_names",
-                    None if changes.event_names is None else _json(changes.event_names),
-                ),
-                ("scopes", None if changes.scopes is None else _json(changes.scopes)),
-                ("destination", changes.destination),
-                ("contact_email", changes.contact_email),
-            ):
-                if value is not None:
-                    sets.append(f"{column} = ?")
-                    params.append(value)
-            if changes.status is not None and changes.status != sub.status:
-                sets.append("status = ?")
-                params.append(changes.status)
-                if changes.status == "ACTIVE":
-                    sets.append("failing_since_ms = NULL")
-            sets.append("updated_ms = ?")
-            params.append(now_ms())
+            pairs = changes.assignments(sub.status, now_ms())
+            sets = ", ".join(f"{column} = ?" for column, _ in pairs)
             conn.execute(
-                f"UPDATE subscriptions SET {', '.join(sets)} WHERE uuid = ?", (*params, uuid)
+                f"UPDATE subscriptions SET {sets} WHERE uuid = ?",
+                (*(value for _, value in pairs), uuid),
             )
             queues.sync(conn, uuid)
             self.subscriptions_changed(organization)
