@@ -55,6 +55,10 @@ def main(r: ModuleType = run) -> int:
             daemon = r.Daemon(procs, workdir, "pg-drain", pg.DELIVERY, storage_url=url)
             org = str(uuid.uuid4())
             daemon.subscribe(daemon.token(org), recv.url(port))
+            # Warm-up as bench/pg.py: the origin proven, its connections open.
+            r.loadgen("e2e", "--url", daemon.events_url, "--org", org, "--n", "300",
+                      "--prefix", "warm", "--rate", "1000")  # fmt: skip
+            recv.wait_count(port, 300, 60)
             if a.e2e:
                 for i in range(a.runs):
                     r.e2e_run(daemon, recv, port, org, a.e2e, f"e2e{i}", 1000.0, res, "pg_")

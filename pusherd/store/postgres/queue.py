@@ -102,10 +102,11 @@ class Queue:
             batch.append(
                 EventIn(e.organization, e.event_name, e.payload, e.message_id, e.timestamp, wanted)
             )
-        results = [_result(o) for o in await self.writer.write(batch)]
-        if any(r.deliveries and not r.duplicate for r in results):
+        outs = await self.writer.write(batch)
+        # Deliveries handed over leased need no claim: only the others wake the dispatcher.
+        if any(len(o.delivery_ids) > o.handed for o in outs if not o.duplicate):
             self.changes.announce(QUEUED)
-        return results
+        return [_result(o) for o in outs]
 
     async def send_to(self, event: NewEvent, subscriptions: Sequence[str]) -> IngestResult:
         """Store one event addressed to the given subscriptions only (test sends)."""
@@ -125,8 +126,9 @@ class Queue:
         return result
 
     async def take_fresh(self, taker: Taker | None) -> None:
-        """Noted, but on PostgreSQL every delivery goes through a claim (no hand-over yet)."""
+        """From now on, ingests of this process hand fresh deliveries to taker (None: stop)."""
         self.taker = taker
+        self.writer.taker = taker
 
     # -- claims --------------------------------------------------------------------------------
 
@@ -158,28 +160,17 @@ class Queue:
         default_total: int | None = None,
     ) -> Claim:
         """Lease due deliveries (pusherd_claim), judged by the database's clock."""
-        got = await claims.claim(
-            self.pool,
-            owner,
-            room,
-            default_room,
-            max(budget, 0),
-            self.per_destination,
-            None,
-            lease_ms,
-            default_total,
-            # Alone on an origin, rows ready behind the attempts in flight, as the dispatcher
-            # asks for (its own per_destination keeps the attempts within the limit).
-            min(self.per_destination * (1 + READY_FACTOR), UNLIMITED_LEASES),
-        )
+        # Not while an ingest of this process hands rows over: its queue rows and origin
+        # locks would make the claim skip them (and it comes back only when woken again).
+        async with self.writer.handing:
+            got = await self._claim(owner, room, default_room, budget, lease_ms, default_total)
         now = now_ms()
         out = []
         for r in got.rows:
             self.leases[int(r["id"])] = int(r["lease_token"])
-            prev, until = r["prev_signing_key"], r["prev_key_until_ms"]
-            keys = (r["signing_key"],) if prev is None or (until or 0) <= now else (
-                r["signing_key"], prev,
-            )  # fmt: skip
+            keys = claims.signing_keys(
+                r["signing_key"], r["prev_signing_key"], r["prev_key_until_ms"], now
+            )
             out.append(
                 ClaimedDelivery(
                     id=int(r["id"]),
@@ -197,6 +188,30 @@ class Queue:
                 )
             )
         return Claim(out, got.more, got.next_due_ms)
+
+    async def _claim(
+        self,
+        owner: str,
+        room: Mapping[str, int],
+        default_room: int,
+        budget: int,
+        lease_ms: int,
+        default_total: int | None,
+    ) -> claims.Claimed:
+        return await claims.claim(
+            self.pool,
+            owner,
+            room,
+            default_room,
+            max(budget, 0),
+            self.per_destination,
+            None,
+            lease_ms,
+            default_total,
+            # Alone on an origin, rows ready behind the attempts in flight, as the dispatcher
+            # asks for (its own per_destination keeps the attempts within the limit).
+            min(self.per_destination * (1 + READY_FACTOR), UNLIMITED_LEASES),
+        )
 
     # -- hand-backs and closing ----------------------------------------------------------------
 

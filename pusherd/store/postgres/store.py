@@ -46,7 +46,7 @@ class PostgresStore(Directory, Queue, Records, Log):
         self.sender = secrets.token_hex(8)
         self.ids = IdSource()
         self.writer = GroupWriter(pool, self.ids, self.sender)
-        self.per_destination = per_destination
+        self.per_destination = self.writer.per_destination = per_destination
         self.targets_cache: dict[str, list[Target]] = {}
         self.leases: dict[int, int] = {}
         self._records: list[PendingRecord] = []
