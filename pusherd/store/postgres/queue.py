@@ -56,6 +56,10 @@ def _result(out: EventOut) -> IngestResult:
 # Rows an origin's attempts may have claimed and ready behind them, per slot (the dispatcher's
 # QUEUE_FACTOR); and the most any claim counts (a PostgreSQL integer).
 READY_FACTOR = 3
+# A row keeps its lease until its record commits, after its slot is free: as many rows again may
+# be being recorded as the dispatcher holds in flight and ready (issue 12: counted against the
+# rows ready, they left the attempts without rows behind them while a group commit ran).
+RECORDING_FACTOR = 2
 UNLIMITED_LEASES = 2**31 - 1
 
 
@@ -209,8 +213,9 @@ class Queue:
             lease_ms,
             default_total,
             # Alone on an origin, rows ready behind the attempts in flight, as the dispatcher
-            # asks for (its own per_destination keeps the attempts within the limit).
-            min(self.per_destination * (1 + READY_FACTOR), UNLIMITED_LEASES),
+            # asks for (its own per_destination keeps the attempts within the limit), and those
+            # being recorded.
+            min(self.per_destination * (1 + READY_FACTOR) * RECORDING_FACTOR, UNLIMITED_LEASES),
         )
 
     # -- hand-backs and closing ----------------------------------------------------------------
