@@ -5,7 +5,7 @@ interface: a new backend is added as a parameter of the `store` fixture and must
 from __future__ import annotations
 
 from pusherd.store import Store
-from pusherd.store.console import LogFilter, SessionRecord
+from pusherd.store.console import SESSIONS_PER_TOKEN, LogFilter, SessionRecord
 from pusherd.store.types import NewEvent
 from tests.test_store_contract import (
     ORG,
@@ -163,3 +163,16 @@ async def test_purge_removes_expired_sessions_and_links(store: Store) -> None:
     assert await store.console.link_state(old_link) is None
     assert await store.console.link_state(live_link) is not None
     assert await store.console.purge_sessions(now) == 0
+
+
+async def test_a_token_keeps_its_most_recent_sessions_only(store: Store) -> None:
+    now = now_ms()
+    for i in range(SESSIONS_PER_TOKEN + 1):  # the first is the least recently seen
+        await store.console.create_session(f"sid-{i}", a_session(now + i))
+    await store.console.create_session("other-token", a_session(now, token_id="tok_2"))
+    await store.console.create_session("a-link", a_session(now, token_id=None))
+    assert await store.console.session("sid-0", now) is None
+    assert await store.console.session("sid-1", now) is not None
+    assert await store.console.session(f"sid-{SESSIONS_PER_TOKEN}", now) is not None
+    assert await store.console.session("other-token", now) is not None
+    assert await store.console.session("a-link", now) is not None

@@ -21,6 +21,9 @@ from pusherd.store.types import AttemptRecord, Subscription, Token
 LOG_SCAN_ROWS = 5000
 # Latency percentiles are taken over at most this many of the newest attempts of the window.
 LATENCY_SAMPLE = 5000
+# A token keeps at most this many sessions: a new sign-in ends its least recently used one
+# beyond (a script signing in over and over cannot fill the table).
+SESSIONS_PER_TOKEN = 100
 # Sign-in link secrets start with this (recognisable in logs and secret scanners).
 LINK_PREFIX = "pcl_"
 
@@ -135,7 +138,8 @@ class SessionRecord:
 class ConsoleStore(Protocol):
     """The console's reads, its one-time sign-in links and its sessions.
 
-    Session methods take the cookie's id and store only `session_hash` of it. `session` answers
+    Session methods take the cookie's id and store only `session_hash` of it; `create_session`
+    ends the token's least recently seen sessions beyond SESSIONS_PER_TOKEN. `session` answers
     a session whose expiry is after now_ms; `take_flash` empties the messages it returns in one
     step, so two processes never show the same message twice.
     """

@@ -9,7 +9,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pusherd.store.console import SessionRecord, flash_json, flash_of, session_hash
+from pusherd.store.console import (
+    SESSIONS_PER_TOKEN,
+    SessionRecord,
+    flash_json,
+    flash_of,
+    session_hash,
+)
 from pusherd.store.postgres.pool import Pool
 
 _COLUMNS = "organization, home, label, token_id, csrf, created_ms, last_seen_ms, expires_ms, flash"
@@ -27,20 +33,29 @@ class PostgresSessions:
     async def create_session(self, sid: str, record: SessionRecord) -> None:
         """Store a new session under the hash of its cookie id."""
         r = record
-        await self.pool.execute(
-            f"INSERT INTO console_sessions (hash, {_COLUMNS})"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            session_hash(sid),
-            r.organization,
-            r.home,
-            r.label,
-            r.token_id,
-            r.csrf,
-            r.created_ms,
-            r.last_seen_ms,
-            r.expires_ms,
-            flash_json(r.flash),
-        )
+        async with self.pool.transaction() as conn:
+            await conn.execute(
+                f"INSERT INTO console_sessions (hash, {_COLUMNS})"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                session_hash(sid),
+                r.organization,
+                r.home,
+                r.label,
+                r.token_id,
+                r.csrf,
+                r.created_ms,
+                r.last_seen_ms,
+                r.expires_ms,
+                flash_json(r.flash),
+            )
+            if r.token_id is not None:
+                await conn.execute(
+                    "DELETE FROM console_sessions WHERE token_id = $1 AND hash NOT IN"
+                    " (SELECT hash FROM console_sessions WHERE token_id = $1"
+                    " ORDER BY last_seen_ms DESC LIMIT $2)",
+                    r.token_id,
+                    SESSIONS_PER_TOKEN,
+                )
 
     async def session(self, sid: str, now_ms: int) -> SessionRecord | None:
         """The session of this cookie id, unless unknown or expired."""

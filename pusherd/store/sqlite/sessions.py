@@ -11,7 +11,13 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from pusherd.store.console import SessionRecord, flash_json, flash_of, session_hash
+from pusherd.store.console import (
+    SESSIONS_PER_TOKEN,
+    SessionRecord,
+    flash_json,
+    flash_of,
+    session_hash,
+)
 from pusherd.store.sqlite.db import Database
 
 _COLUMNS = "organization, home, label, token_id, csrf, created_ms, last_seen_ms, expires_ms, flash"
@@ -38,6 +44,13 @@ class SqliteSessions:
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (*values, *times),
             )
+            if r.token_id is not None:
+                conn.execute(
+                    "DELETE FROM console_sessions WHERE token_id = ?1 AND hash NOT IN"
+                    " (SELECT hash FROM console_sessions WHERE token_id = ?1"
+                    " ORDER BY last_seen_ms DESC LIMIT ?2)",
+                    (r.token_id, SESSIONS_PER_TOKEN),
+                )
 
         await self.db.write(fn)
 

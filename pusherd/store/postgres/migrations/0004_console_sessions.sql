@@ -16,5 +16,7 @@ CREATE TABLE console_sessions (
 
 -- The retention purge deletes expired sessions: a range of this index.
 CREATE INDEX console_sessions_expiry ON console_sessions (expires_ms);
--- ... and expired sign-in links.
+-- A token's sessions, newest first: sign-in keeps at most SESSIONS_PER_TOKEN of them.
+CREATE INDEX console_sessions_token ON console_sessions (token_id, last_seen_ms) WHERE token_id IS NOT NULL;
+-- The purge's range over expired sign-in links.
 CREATE INDEX console_links_expiry ON console_links (expires_ms);
