@@ -114,6 +114,14 @@ class Records:
         now = now_ms()
         out: list[StatusChange | None] = [None] * len(batch)
         async with self.pool.transaction() as conn:
+            # The subscriptions first, as a subscription update locks them (then deliveries,
+            # then queues): a destination change racing this record cannot deadlock (issue 12).
+            rows = await conn.fetch(
+                "SELECT uuid, organization, contact_email, destination, status, failing_since_ms"
+                " FROM subscriptions WHERE uuid = ANY($1::text[]) AND deleted_ms IS NULL"
+                " ORDER BY uuid FOR UPDATE",
+                sorted({r.delivery.subscription for r in batch}),
+            )
             done: set[int] = set()
             by_owner: dict[str, list[tuple[int, int | None, claims.Outcome]]] = {}
             for r in batch:
@@ -123,13 +131,6 @@ class Records:
             applied = [i for i, r in enumerate(batch) if r.delivery.id in done]
             if not applied:
                 return out
-            subs = sorted({batch[i].delivery.subscription for i in applied})
-            rows = await conn.fetch(
-                "SELECT uuid, organization, contact_email, destination, status, failing_since_ms"
-                " FROM subscriptions WHERE uuid = ANY($1::text[]) AND deleted_ms IS NULL"
-                " ORDER BY uuid FOR UPDATE",
-                subs,
-            )
             state: dict[str, list[Any]] = {r[0]: list(r[1:]) for r in rows}
             before = {uuid: (s[3], s[4]) for uuid, s in state.items()}
             for i in applied:
