@@ -17,6 +17,7 @@ from pusherd.clock import now_ms
 from pusherd.store.changes import Change, ChangeFeed, ChangeKind
 from pusherd.store.errors import UuidTakenError
 from pusherd.store.postgres.copy import origin_of
+from pusherd.store.postgres.dbclock import DbClock
 from pusherd.store.postgres.feed import CHANGE_CHANNEL, payload
 from pusherd.store.postgres.ingest import EventIn, GroupWriter
 from pusherd.store.postgres.pool import Pool
@@ -138,6 +139,7 @@ class Directory:
     """Tokens and subscriptions (mixed into PostgresStore)."""
 
     pool: Pool
+    clock: DbClock
     changes: ChangeFeed
     sender: str
     writer: GroupWriter
@@ -332,7 +334,7 @@ class Directory:
         """Make new_key the signing key; the old one keeps signing for keep_old_ms."""
         change = Change("key_rotated", organization, uuid)
         async with self.pool.transaction() as conn:
-            now = now_ms()
+            now = self.clock.now_ms()  # the claims of every process compare the old key's end
             done = await conn.fetchval(
                 "UPDATE subscriptions SET prev_signing_key = signing_key,"
                 " prev_key_until_ms = $1, signing_key = $2, updated_ms = $3"

@@ -18,6 +18,7 @@ import structlog
 from pusherd.clock import now_ms
 from pusherd.store.changes import Change, ChangeFeed, ChangeKind
 from pusherd.store.postgres import claims
+from pusherd.store.postgres.dbclock import DbClock
 from pusherd.store.postgres.directory import Conn, sync_queue
 from pusherd.store.postgres.feed import CHANGE_CHANNEL, payload
 from pusherd.store.postgres.pool import Pool
@@ -47,6 +48,7 @@ class Records:
     """Attempt records (mixed into PostgresStore)."""
 
     pool: Pool
+    clock: DbClock
     changes: ChangeFeed
     sender: str
     leases: dict[int, int]
@@ -66,7 +68,8 @@ class Records:
         token) moves the row on, and only then may the outcome change the subscription."""
         now = now_ms()
         if finish == "retry":
-            status, due = "pending", next_attempt_ms or now
+            # Computed on this process's clock, compared on the database's (dbclock.py).
+            status, due = "pending", self.clock.to_db(next_attempt_ms or now)
         else:
             status, due = ("delivered" if finish == "delivered" else "failed"), None
         outcome = claims.Outcome(
