@@ -114,7 +114,7 @@ class Records:
                     self.changes.announce(Change(kind, change.organization, change.subscription))
 
     async def _write_records(self, batch: list[PendingRecord]) -> list[StatusChange | None]:
-        now = now_ms()
+        now = self.clock.now_ms()  # failing_since_ms is compared by every process
         out: list[StatusChange | None] = [None] * len(batch)
         async with self.pool.transaction() as conn:
             # The subscriptions first, as a subscription update locks them (then deliveries,
