@@ -30,13 +30,16 @@ import asyncpg
 
 from pusherd.clock import iso_ms, now_ms
 from pusherd.store.ids import IdSource
+from pusherd.store.postgres.dbclock import DB_NOW_MS
 from pusherd.store.postgres.pool import Pool
 
 Executor = Pool | asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 WAKE_CHANNEL = "pusherd_wake"
 
-_INSERT = """
+# Deliveries are due at the database's time (dbclock.py): another machine's clock may differ.
+_INSERT = (
+    """
 WITH new_events AS (
     INSERT INTO events (uuid, organization, event_name, message_id, payload, timestamp, created_ms)
     SELECT x.u, x.o, x.n, x.m, x.p, x.t, $7
@@ -47,7 +50,9 @@ WITH new_events AS (
     RETURNING seq, organization, message_id
 ), new_deliveries AS (
     INSERT INTO deliveries (event_seq, subscription, origin, status, due_ms, created_ms)
-    SELECT e.seq, f.s, f.g, 'pending', $7, $7
+    SELECT e.seq, f.s, f.g, 'pending', """
+    + DB_NOW_MS
+    + """, $7
     FROM unnest($8::integer[], $9::text[], $10::text[]) WITH ORDINALITY AS f(k, s, g, i)
     JOIN new_events e
         ON e.organization = ($2::text[])[f.k] AND e.message_id = ($4::text[])[f.k]
@@ -58,7 +63,9 @@ WITH new_events AS (
     WHERE subscription IN (SELECT subscription FROM new_deliveries)
     ORDER BY subscription FOR UPDATE
 ), due AS (
-    UPDATE queues q SET next_due_ms = least(q.next_due_ms, $7)
+    UPDATE queues q SET next_due_ms = least(q.next_due_ms, """
+    + DB_NOW_MS
+    + """)
     FROM locked l WHERE q.subscription = l.subscription
 ), woke AS (
     SELECT pg_notify('pusherd_wake', $11::text) FROM (SELECT 1 FROM new_deliveries LIMIT 1) one
@@ -70,6 +77,7 @@ LEFT JOIN new_deliveries d ON d.event_seq = e.seq
 LEFT JOIN (SELECT count(*) AS n FROM woke) w ON true
 ORDER BY e.seq, d.id
 """
+)
 
 _ORIGINALS = """
 SELECT e.organization, e.message_id, e.uuid,
