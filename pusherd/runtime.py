@@ -148,6 +148,8 @@ class Runtime:
                 self.close_pending_soon(sub)
             try:
                 removed = await self.purge_once()
+                # Expired console sessions and sign-in links go with the rest.
+                removed += await self.store.console.purge_sessions(int(time.time() * 1000))
             except StoreError as exc:
                 log.error("purge_failed", error=str(exc))
                 continue

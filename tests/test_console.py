@@ -227,19 +227,27 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PUSHERD_CONFIG", raising=False)
 
 
-def test_sessions_end_after_12_hours_idle() -> None:
-    from pusherd.console.session import IDLE_S, Sessions
+async def test_sessions_end_after_12_hours_idle(harness: Harness) -> None:
+    from pusherd.console.session import IDLE_S, TOUCH_EVERY_MS, Sessions
 
-    now = [1000.0]
-    sessions = Sessions(clock=lambda: now[0])
-    s = sessions.create(ORG, ORG, "test", None)
-    now[0] += IDLE_S - 1
-    assert sessions.get(s.id) is s  # use keeps it alive
-    now[0] += IDLE_S - 1
-    assert sessions.get(s.id) is s
-    now[0] += IDLE_S + 1
-    assert sessions.get(s.id) is None
-    assert sessions.get("made-up") is None
+    store = harness.runtime.store.console
+    now = [1_000_000]
+    sessions = Sessions(lambda: store, clock_ms=lambda: now[0])
+    s = await sessions.create(ORG, ORG, "test", None)
+    idle_ms = int(IDLE_S * 1000)
+    now[0] += idle_ms - 1
+    assert (await sessions.get(s.id)) is not None  # use keeps it alive
+    now[0] += idle_ms - 1
+    again = await sessions.get(s.id)
+    assert again is not None and again.csrf == s.csrf and again.organization == ORG
+    # Seen again within a minute: no write, so the expiry still counts from the last touch.
+    now[0] += TOUCH_EVERY_MS - 1
+    assert (await sessions.get(s.id)) is not None
+    record = await store.session(s.id, now[0])
+    assert record is not None and record.last_seen_ms == now[0] - TOUCH_EVERY_MS + 1
+    now[0] += idle_ms + 1
+    assert await sessions.get(s.id) is None
+    assert await sessions.get("made-up") is None
 
 
 async def test_cookie_is_secure_when_served_over_https(

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import asyncpg
 import pytest
 
+from pusherd.config import StorageConfig
+from pusherd.store import open_store
+from pusherd.store.console import link_hash
 from pusherd.store.postgres.copy import CopyRefusedError, copy_sqlite
 from tests.service import run_cli_async, write_config
 
 ORG = "5a0b9c1e-1d2f-4a3b-8c4d-111111111111"
 LIVE = "11111111-1111-4111-8111-111111111111"
 GONE = "22222222-2222-4222-8222-222222222222"
+USABLE_LINK = "pcl_still-usable"
 
 
 async def installation(tmp_path: Path) -> Path:
@@ -66,6 +71,23 @@ async def installation(tmp_path: Path) -> Path:
             " response_body) VALUES (?, 20, 12.5, ?, NULL, 'ok')",
             (delivery, code),
         )
+    # One-time console sign-in links: usable, used, expired; and a signed-in console session.
+    now = int(time.time() * 1000)
+    for digest, used, expires in (
+        (link_hash(USABLE_LINK), None, now + 3_600_000),
+        (link_hash("pcl_used"), now - 5, now + 3_600_000),
+        (link_hash("pcl_expired"), None, now - 5),
+    ):
+        conn.execute(
+            "INSERT INTO console_links (hash, organization, created_ms, expires_ms, used_ms)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (digest, ORG, now - 10, expires, used),
+        )
+    conn.execute(
+        "INSERT INTO console_sessions (hash, organization, home, label, token_id, csrf,"
+        " created_ms, last_seen_ms, expires_ms) VALUES ('h', ?, ?, 'l', NULL, 'c', ?, ?, ?)",
+        (ORG, ORG, now, now, now + 3_600_000),
+    )
     conn.execute("COMMIT")
     conn.close()
     return db
@@ -80,6 +102,7 @@ async def test_everything_is_copied_with_its_ids_and_state(tmp_path: Path, pg_ur
         "events": 4,
         "deliveries": 5,
         "attempts": 3,
+        "console_links": 1,  # the usable one: a used or expired link signs nobody in
     }
     src = sqlite3.connect(db)
     pg = await asyncpg.connect(pg_url)
@@ -128,9 +151,19 @@ async def test_everything_is_copied_with_its_ids_and_state(tmp_path: Path, pg_ur
             )
             == 5
         )
+        # Sessions stay behind: whoever was signed in signs in again.
+        assert await pg.fetchval("SELECT count(*) FROM console_sessions") == 0
     finally:
         src.close()
         await pg.close()
+    # A tenant handed a link before the move signs in with it after, once.
+    store = await open_store(StorageConfig(path=str(db), url=pg_url))
+    try:
+        assert await store.console.redeem_link(USABLE_LINK) == ORG
+        assert await store.console.redeem_link(USABLE_LINK) is None
+        assert await store.console.link_state("pcl_used") is None
+    finally:
+        await store.close()
 
 
 async def test_a_non_empty_target_is_refused_untouched(tmp_path: Path, pg_url: str) -> None:

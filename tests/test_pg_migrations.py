@@ -31,6 +31,7 @@ TABLES = {
     "queues",
     "rate_windows",
     "console_links",
+    "console_sessions",
 }
 
 

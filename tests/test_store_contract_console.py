@@ -5,7 +5,7 @@ interface: a new backend is added as a parameter of the `store` fixture and must
 from __future__ import annotations
 
 from pusherd.store import Store
-from pusherd.store.console import LogFilter
+from pusherd.store.console import SESSIONS_PER_TOKEN, LogFilter, SessionRecord
 from pusherd.store.types import NewEvent
 from tests.test_store_contract import (
     ORG,
@@ -95,3 +95,84 @@ async def test_queue_log_delivery_and_counts_follow_the_deliveries(store: Store)
     assert latency.attempts == 2 and latency.p50_ms is not None
     assert (await store.console.latency(OTHER_ORG, start)).attempts == 0
     assert other.uuid not in {c.subscription for c in counts}
+
+
+def a_session(now: int, org: str | None = ORG, token_id: str | None = "tok_1") -> SessionRecord:
+    return SessionRecord(org, ORG, "token tok_1", token_id, "csrf-value", now, now, now + 60_000)
+
+
+async def test_a_session_is_kept_under_a_hash_of_its_id(store: Store) -> None:
+    now = now_ms()
+    await store.console.create_session("cookie-id-1", a_session(now))
+    await store.console.create_session("cookie-id-admin", a_session(now, org=None, token_id=None))
+    got = await store.console.session("cookie-id-1", now)
+    assert got == a_session(now)
+    admin = await store.console.session("cookie-id-admin", now)
+    assert admin is not None and admin.organization is None and admin.token_id is None
+    assert await store.console.session("cookie-id-2", now) is None
+    # Expired: not answered, whatever its row still says.
+    assert await store.console.session("cookie-id-1", now + 60_000) is None
+
+
+async def test_touching_moves_the_expiry_forward_only(store: Store) -> None:
+    now = now_ms()
+    await store.console.create_session("sid", a_session(now))
+    await store.console.touch_session("sid", now + 30_000, now + 90_000)
+    got = await store.console.session("sid", now + 60_000)
+    assert got is not None and got.last_seen_ms == now + 30_000 and got.expires_ms == now + 90_000
+    await store.console.touch_session("sid", now + 10_000, now + 70_000)  # a late, older touch
+    got = await store.console.session("sid", now + 60_000)
+    assert got is not None and got.last_seen_ms == now + 30_000 and got.expires_ms == now + 90_000
+    await store.console.touch_session("unknown", now, now + 1)  # nothing to touch: no error
+
+
+async def test_ending_a_session_removes_it(store: Store) -> None:
+    now = now_ms()
+    await store.console.create_session("sid", a_session(now))
+    await store.console.create_session("other", a_session(now))
+    assert await store.console.end_session("sid") is True
+    assert await store.console.session("sid", now) is None
+    assert await store.console.end_session("sid") is False
+    assert await store.console.session("other", now) is not None
+
+
+async def test_flash_messages_wait_for_one_page(store: Store) -> None:
+    now = now_ms()
+    await store.console.create_session("sid", a_session(now))
+    await store.console.add_flash("sid", ["queued", 'with "quotes" & <markup>'])
+    await store.console.add_flash("sid", ["second"])
+    got = await store.console.session("sid", now)
+    assert got is not None and got.flash == ("queued", 'with "quotes" & <markup>', "second")
+    assert await store.console.take_flash("sid") == ["queued", 'with "quotes" & <markup>', "second"]
+    assert await store.console.take_flash("sid") == []
+    got = await store.console.session("sid", now)
+    assert got is not None and got.flash == ()
+    await store.console.add_flash("gone", ["nobody"])  # a signed-out session: dropped
+    assert await store.console.take_flash("gone") == []
+
+
+async def test_purge_removes_expired_sessions_and_links(store: Store) -> None:
+    now = now_ms()
+    await store.console.create_session("old", a_session(now - 120_000))
+    await store.console.create_session("live", a_session(now))
+    old_link = await store.console.create_link(ORG, now - 1)
+    live_link = await store.console.create_link(ORG, now + 60_000)
+    assert await store.console.purge_sessions(now) == 2
+    assert await store.console.session("live", now) is not None
+    assert await store.console.session("old", now - 120_000) is None  # the row is gone
+    assert await store.console.link_state(old_link) is None
+    assert await store.console.link_state(live_link) is not None
+    assert await store.console.purge_sessions(now) == 0
+
+
+async def test_a_token_keeps_its_most_recent_sessions_only(store: Store) -> None:
+    now = now_ms()
+    for i in range(SESSIONS_PER_TOKEN + 1):  # the first is the least recently seen
+        await store.console.create_session(f"sid-{i}", a_session(now + i))
+    await store.console.create_session("other-token", a_session(now, token_id="tok_2"))
+    await store.console.create_session("a-link", a_session(now, token_id=None))
+    assert await store.console.session("sid-0", now) is None
+    assert await store.console.session("sid-1", now) is not None
+    assert await store.console.session(f"sid-{SESSIONS_PER_TOKEN}", now) is not None
+    assert await store.console.session("other-token", now) is not None
+    assert await store.console.session("a-link", now) is not None

@@ -21,7 +21,7 @@ def console_app(runtime: Runtime) -> web.Application:
     """The console as a sub-application, mounted at /console by add_console()."""
     app = web.Application(middlewares=[console_middleware], client_max_size=64 * 1024)
     app[RUNTIME] = runtime
-    app[SESSIONS] = Sessions()
+    app[SESSIONS] = Sessions(lambda: runtime.store.console)
     environment(app)
     static = resources.files("pusherd.console") / "static"
     app.router.add_static("/static/", str(static))

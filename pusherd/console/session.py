@@ -1,26 +1,30 @@
 """Console sessions, CSRF, security headers and the rate limit (SPEC §9 "Who sees what", "Safety").
 
-Sessions live in memory: a cookie holds a random id, the server keeps who it is. A session made
-from an API token keeps the token's id (never its secret) and ends when the token is revoked or
-expires; one made from a console-link is bound to the link's organization.
+A cookie holds a random id; the store keeps who it is (only a hash of the id), so every process
+on one database knows the session and a restart signs nobody out. Each request reads the row:
+signing out through one process is refused by every other at once, with no cache to go stale.
+A session made from an API token keeps the token's id (never its secret) and ends when the token
+is revoked or expires; one made from a console-link is bound to the link's organization.
 """
 
 from __future__ import annotations
 
 import hmac
 import secrets
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from pusherd.clock import now_ms
 from pusherd.keys import RUNTIME
+from pusherd.store.console import ConsoleStore, SessionRecord
 
 COOKIE = "pusherd_console"
 PRE_COOKIE = "pusherd_console_pre"  # double-submit CSRF value of the sign-in forms
 IDLE_S = 12 * 3600.0
-MAX_SESSIONS = 10_000
+# The idle expiry moves on at most this often per session: not a write per page view.
+TOUCH_EVERY_MS = 60_000
 PREFIX = "/console"
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:;"
@@ -47,8 +51,10 @@ class Session:
     label: str  # shown in the header: what signed in
     token_id: str | None
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
-    last_seen: float = field(default_factory=time.monotonic)
+    last_seen_ms: int = 0
+    # Messages for the next page; what a request leaves here is stored when it ends.
     flash: list[str] = field(default_factory=list)
+    stored_flash: bool = False  # the store holds messages for this session
 
     @property
     def admin(self) -> bool:
@@ -56,49 +62,56 @@ class Session:
 
 
 class Sessions:
-    """The console's sessions, in memory, with a 12h idle expiry."""
+    """The console's sessions, kept by the store, with a 12h idle expiry."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._by_id: dict[str, Session] = {}
+    def __init__(
+        self, store: Callable[[], ConsoleStore], clock_ms: Callable[[], int] = now_ms
+    ) -> None:
+        self._store = store  # the runtime's store is opened after the app is made
+        self._clock_ms = clock_ms
 
-    def create(
+    async def create(
         self, organization: str | None, home: str, label: str, token_id: str | None
     ) -> Session:
         """A new session with a fresh id (never one a visitor brought along)."""
-        if len(self._by_id) >= MAX_SESSIONS:
-            self._evict()
+        now = self._clock_ms()
         s = Session(secrets.token_urlsafe(32), organization, home, label, token_id)
-        s.last_seen = self._clock()
-        self._by_id[s.id] = s
+        s.last_seen_ms = now
+        record = SessionRecord(
+            organization, home, label, token_id, s.csrf, now, now, now + int(IDLE_S * 1000)
+        )
+        await self._store().create_session(s.id, record)
         return s
 
-    def get(self, sid: str | None) -> Session | None:
-        """The live session of this id (touching it), or None."""
+    async def get(self, sid: str | None) -> Session | None:
+        """The live session of this id (touching it about once a minute), or None."""
         if not sid:
             return None
-        s = self._by_id.get(sid)
-        if s is None:
+        now = self._clock_ms()
+        r = await self._store().session(sid, now)
+        if r is None:
             return None
-        now = self._clock()
-        if now - s.last_seen > IDLE_S:
-            del self._by_id[sid]
-            return None
-        s.last_seen = now
+        if now - r.last_seen_ms >= TOUCH_EVERY_MS:
+            await self._store().touch_session(sid, now, now + int(IDLE_S * 1000))
+        s = Session(sid, r.organization, r.home, r.label, r.token_id, r.csrf, r.last_seen_ms)
+        s.stored_flash = bool(r.flash)
         return s
 
-    def end(self, sid: str) -> None:
-        """Sign out."""
-        self._by_id.pop(sid, None)
+    async def end(self, sid: str) -> None:
+        """Sign out (in every process: the row is gone)."""
+        await self._store().end_session(sid)
 
-    def _evict(self) -> None:
-        now = self._clock()
-        for sid, s in list(self._by_id.items()):
-            if now - s.last_seen > IDLE_S:
-                del self._by_id[sid]
-        while len(self._by_id) >= MAX_SESSIONS:  # still full: the least recently used go
-            oldest = min(self._by_id.values(), key=lambda s: s.last_seen)
-            del self._by_id[oldest.id]
+    async def take_flash(self, session: Session) -> None:
+        """Move the stored messages onto the session, for the page about to be rendered."""
+        if session.stored_flash:
+            session.flash = [*await self._store().take_flash(session.id), *session.flash]
+            session.stored_flash = False
+
+    async def keep_flash(self, session: Session) -> None:
+        """Store the messages no page showed, for the next one (whichever process serves it)."""
+        if session.flash:
+            messages, session.flash = session.flash, []
+            await self._store().add_flash(session.id, messages)
 
 
 SESSIONS: web.AppKey[Sessions] = web.AppKey("console_sessions", Sessions)
@@ -184,17 +197,17 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
         return await handler(request)
     runtime = request.app[RUNTIME]
     sessions = request.app[SESSIONS]
-    session = sessions.get(request.cookies.get(COOKIE))
+    session = await sessions.get(request.cookies.get(COOKIE))
     if session is not None and session.token_id is not None:
         token = await runtime.store.console.token_by_id(session.token_id)
-        if token is None or token.status(int(time.time() * 1000)) != "active":
-            sessions.end(session.id)  # the token was revoked or ran out: so did the session
+        if token is None or token.status(now_ms()) != "active":
+            await sessions.end(session.id)  # the token was revoked or ran out: so did the session
             session = None
     if session is None:
         if request.method != "GET":
             raise web.HTTPForbidden(reason="not signed in")
         raise web.HTTPSeeOther(PREFIX + "/signin")
-    verdict = runtime.ratelimiter.hit(session.home)
+    verdict = await runtime.rate_hit(session.home)  # across every process on PostgreSQL
     if not verdict.allowed:
         raise web.HTTPTooManyRequests(
             reason="rate limit exceeded; try again later",
@@ -204,5 +217,10 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
         form = await request.post()
         if not csrf_ok(session.csrf, form.get("csrf")):
             raise web.HTTPForbidden(reason="the form was missing its CSRF token; reload the page")
+    if request.method == "GET":
+        await sessions.take_flash(session)  # a page: it shows what an action left for it
     request[SESSION_KEY] = session
-    return await handler(request)
+    try:
+        return await handler(request)
+    finally:
+        await sessions.keep_flash(session)

@@ -44,7 +44,7 @@ async def signin(request: web.Request) -> web.StreamResponse:
         return _signin_page(request, "That token is not valid (unknown, revoked or expired).", 401)
     admin = ADMIN in token.scopes
     label = f"token {token.id}" + (f" ({token.name})" if token.name else "")
-    session = request.app[SESSIONS].create(
+    session = await request.app[SESSIONS].create(
         None if admin else token.organization, token.organization, label, token.id
     )
     response = see_other(PREFIX + "/")
@@ -68,7 +68,7 @@ async def link(request: web.Request) -> web.Response:
             },
             status=403,
         )
-    session = request.app[SESSIONS].create(org, org, "console link", None)
+    session = await request.app[SESSIONS].create(org, org, "console link", None)
     # A page, not a redirect: after a cross-site click (a link in a mail) a SameSite=Strict
     # cookie is sent only once the browser moves on from this page itself.
     response = render(request, "linked.html", {"organization": org})
@@ -78,7 +78,7 @@ async def link(request: web.Request) -> web.Response:
 
 async def signout(request: web.Request) -> web.StreamResponse:
     """POST /console/signout: end the session."""
-    request.app[SESSIONS].end(session_of(request).id)
+    await request.app[SESSIONS].end(session_of(request).id)
     response = see_other(PREFIX + "/signin")
     response.del_cookie(COOKIE, path=PREFIX)
     return response

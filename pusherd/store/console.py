@@ -8,8 +8,9 @@ million deliveries as at a thousand.
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -20,6 +21,9 @@ from pusherd.store.types import AttemptRecord, Subscription, Token
 LOG_SCAN_ROWS = 5000
 # Latency percentiles are taken over at most this many of the newest attempts of the window.
 LATENCY_SAMPLE = 5000
+# A token keeps at most this many sessions: a new sign-in ends its least recently used one
+# beyond (a script signing in over and over cannot fill the table).
+SESSIONS_PER_TOKEN = 100
 # Sign-in link secrets start with this (recognisable in logs and secret scanners).
 LINK_PREFIX = "pcl_"
 
@@ -116,8 +120,29 @@ class LinkState:
     used_ms: int | None
 
 
+@dataclass(frozen=True)
+class SessionRecord:
+    """A console session as stored: who signed in, and until when (the cookie's id is not here)."""
+
+    organization: str | None  # None: an ADMIN, every organization
+    home: str  # the organization the rate limit counts against
+    label: str
+    token_id: str | None  # the API token it was made from (None: a console-link)
+    csrf: str
+    created_ms: int
+    last_seen_ms: int
+    expires_ms: int  # last_seen_ms + the idle expiry
+    flash: tuple[str, ...] = ()  # messages waiting for the next page, whichever process shows it
+
+
 class ConsoleStore(Protocol):
-    """The console's reads, and its one-time sign-in links."""
+    """The console's reads, its one-time sign-in links and its sessions.
+
+    Session methods take the cookie's id and store only `session_hash` of it; `create_session`
+    ends the token's least recently seen sessions beyond SESSIONS_PER_TOKEN. `session` answers
+    a session whose expiry is after now_ms; `take_flash` empties the messages it returns in one
+    step, so two processes never show the same message twice.
+    """
 
     async def token_by_id(self, token_id: str) -> Token | None: ...
     async def subscriptions(self, organization: str | None) -> list[Subscription]: ...
@@ -134,6 +159,13 @@ class ConsoleStore(Protocol):
     async def create_link(self, organization: str, expires_ms: int) -> str: ...
     async def link_state(self, secret: str) -> LinkState | None: ...
     async def redeem_link(self, secret: str) -> str | None: ...
+    async def create_session(self, sid: str, record: SessionRecord) -> None: ...
+    async def session(self, sid: str, now_ms: int) -> SessionRecord | None: ...
+    async def touch_session(self, sid: str, now_ms: int, expires_ms: int) -> None: ...
+    async def end_session(self, sid: str) -> bool: ...
+    async def add_flash(self, sid: str, messages: Sequence[str]) -> None: ...
+    async def take_flash(self, sid: str) -> list[str]: ...
+    async def purge_sessions(self, now_ms: int) -> int: ...
 
 
 def new_link_secret() -> str:
@@ -144,6 +176,28 @@ def new_link_secret() -> str:
 def link_hash(secret: str) -> str:
     """What a backend stores of a sign-in link: sha256 hex of its secret, never the secret."""
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def session_hash(sid: str) -> str:
+    """What a backend stores of a session's cookie id: sha256 hex, never the id itself (a
+    read of the table, a backup or a log of its rows signs nobody in)."""
+    return hashlib.sha256(b"pusherd-console-session:" + sid.encode("utf-8")).hexdigest()
+
+
+def flash_json(messages: Sequence[str]) -> str:
+    """Flash messages as a backend stores them (a JSON list)."""
+    return json.dumps(list(messages))
+
+
+def flash_of(text: str | None) -> tuple[str, ...]:
+    """Stored flash messages back as a tuple (anything but a list of strings reads as none)."""
+    try:
+        value = json.loads(text or "[]")
+    except ValueError:
+        return ()
+    if not isinstance(value, list):
+        return ()
+    return tuple(m for m in value if isinstance(m, str))
 
 
 def latency_of(durations: Iterable[float]) -> Latency:

@@ -30,6 +30,7 @@ from pusherd.store.console import (
 )
 from pusherd.store.postgres.directory import _SUB_COLUMNS, _TOKEN_COLUMNS, sub_row, token_row
 from pusherd.store.postgres.pool import Pool
+from pusherd.store.postgres.sessions import PostgresSessions
 from pusherd.store.types import AttemptRecord, Subscription, Token
 
 _LOG_COLUMNS = (
@@ -45,8 +46,8 @@ def _log_row(r: Any) -> LogRow:
     return LogRow(*r[:9])
 
 
-class PostgresConsoleStore:
-    """ConsoleStore on the PostgreSQL store's pool (autocommit reads)."""
+class PostgresConsoleStore(PostgresSessions):
+    """ConsoleStore on the PostgreSQL store's pool (sessions: store/postgres/sessions.py)."""
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool

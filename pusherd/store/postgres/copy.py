@@ -1,7 +1,9 @@
 """`pusherd copy-storage`: an SQLite installation moved into an empty PostgreSQL database.
 
 Everything is copied with its ids (tokens, subscriptions, events, deliveries in whatever state,
-their attempts), in one PostgreSQL transaction: the target gets all of it or nothing. The
+their attempts, and the console's sign-in links that can still be used), in one PostgreSQL
+transaction: the target gets all of it or nothing. Console sessions are not copied: whoever
+was signed in signs in again (their cookies name rows of the old database). The
 SQLite file is only read. Run with the daemon stopped: leases it held are dropped (their rows
 stay due when the lease would have ended), and the claim queues are built from the copied
 rows. Public ids go on where SQLite's left off, never handing one out twice.
@@ -17,10 +19,13 @@ from typing import Any
 import asyncpg
 from yarl import URL
 
+from pusherd.clock import now_ms
 from pusherd.store import StoreError
 from pusherd.store.postgres.migrate import migrate
 
-TABLES = ("tokens", "subscriptions", "events", "deliveries", "attempts")
+TABLES = ("tokens", "subscriptions", "events", "deliveries", "attempts", "console_links")
+# Rows not worth moving: a used or expired sign-in link signs nobody in any more.
+WHERE = {"console_links": "used_ms IS NULL AND expires_ms > :now"}
 # Identity columns, moved past the largest id SQLite gave (its AUTOINCREMENT high-water mark
 # included: a purged delivery's id must not come back).
 IDENTITIES = {"events": "seq", "deliveries": "id", "attempts": "id"}
@@ -60,7 +65,11 @@ async def _pg_columns(conn: asyncpg.Connection, table: str) -> dict[str, str]:
 def _rows(
     src: sqlite3.Connection, table: str, columns: list[str], convert: list[Callable[[Any], Any]]
 ) -> Iterator[list[tuple[Any, ...]]]:
-    cur = src.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY rowid")
+    where = f" WHERE {WHERE[table]}" if table in WHERE else ""
+    cur = src.execute(
+        f"SELECT {', '.join(columns)} FROM {table}{where} ORDER BY rowid",
+        {"now": now_ms()} if where else {},
+    )
     while batch := cur.fetchmany(BATCH):
         yield [
             tuple(None if v is None else f(v) for v, f in zip(row, convert, strict=True))
@@ -95,7 +104,9 @@ async def _copy(src: sqlite3.Connection, conn: asyncpg.Connection) -> dict[str, 
     copied: dict[str, int] = {}
     async with conn.transaction():
         # Two copies into one database at once: the second waits, then finds it not empty.
-        await conn.execute("LOCK TABLE tokens, subscriptions, events, deliveries IN EXCLUSIVE MODE")
+        await conn.execute(
+            "LOCK TABLE tokens, subscriptions, events, deliveries, console_links IN EXCLUSIVE MODE"
+        )
         for table in (*TABLES, "queues"):
             if await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table})"):
                 raise CopyRefusedError(

@@ -17,6 +17,7 @@ from pusherd.clock import now_ms
 from pusherd.store.changes import Change, ChangeFeed, ChangeKind
 from pusherd.store.errors import UuidTakenError
 from pusherd.store.postgres.copy import origin_of
+from pusherd.store.postgres.dbclock import DbClock
 from pusherd.store.postgres.feed import CHANGE_CHANNEL, payload
 from pusherd.store.postgres.ingest import EventIn, GroupWriter
 from pusherd.store.postgres.pool import Pool
@@ -91,7 +92,12 @@ async def refresh_queues(conn: Conn, subscriptions: Iterable[str]) -> None:
 
 async def sync_queue(conn: Conn, subscription: str) -> None:
     """Create, update or drop a subscription's queue after the subscription changed; its
-    pending rows follow a new destination's origin (per_destination counts by it)."""
+    pending rows follow a new destination's origin (per_destination counts by it).
+
+    The caller holds the subscription's row lock. Locks are then taken in the order of every
+    other writer (the record path locks subscriptions first too): the pending deliveries, then
+    the queue row, so that a destination change racing a record or a hand-back cannot deadlock.
+    """
     row = await conn.fetchrow(
         "SELECT destination, status, deleted_ms FROM subscriptions WHERE uuid = $1", subscription
     )
@@ -99,19 +105,33 @@ async def sync_queue(conn: Conn, subscription: str) -> None:
         await conn.execute("DELETE FROM queues WHERE subscription = $1", subscription)
         return
     origin = origin_of(row[0])
-    await conn.execute(
+    move = (
         "UPDATE deliveries SET origin = $2 WHERE subscription = $1 AND status = 'pending'"
-        " AND origin <> $2",
+        " AND origin <> $2"
+    )
+    await conn.execute(move, subscription, origin)
+    # Lock the queue row (an ingest holding it commits first), then, in statements of their own
+    # and so with snapshots taken after the lock (issue 12), move the rows that ingest wrote for
+    # the old origin and compute the due time over them: one statement would judge both on a
+    # snapshot taken before the wait, and leave the ingest's deliveries waiting for nothing.
+    await conn.execute(
+        "INSERT INTO queues (subscription, origin, next_due_ms) VALUES ($1, $2, NULL)"
+        " ON CONFLICT (subscription) DO UPDATE SET origin = excluded.origin",
+        subscription,
+        origin,
+    )
+    # Rows claimed meanwhile and being handed back (which waits for the queue row) are skipped
+    # rather than waited for: they keep the old origin until they finish.
+    await conn.execute(
+        "UPDATE deliveries SET origin = $2 WHERE id IN (SELECT id FROM deliveries"
+        " WHERE subscription = $1 AND status = 'pending' AND origin <> $2 FOR UPDATE SKIP LOCKED)",
         subscription,
         origin,
     )
     await conn.execute(
-        "INSERT INTO queues (subscription, origin, next_due_ms) VALUES ($1, $2,"
-        " (SELECT min(due_ms) FROM deliveries WHERE subscription = $1 AND status = 'pending'))"
-        " ON CONFLICT (subscription) DO UPDATE SET origin = excluded.origin,"
-        " next_due_ms = excluded.next_due_ms",
+        "UPDATE queues SET next_due_ms = (SELECT min(due_ms) FROM deliveries"
+        " WHERE subscription = $1 AND status = 'pending') WHERE subscription = $1",
         subscription,
-        origin,
     )
 
 
@@ -119,6 +139,7 @@ class Directory:
     """Tokens and subscriptions (mixed into PostgresStore)."""
 
     pool: Pool
+    clock: DbClock
     changes: ChangeFeed
     sender: str
     writer: GroupWriter
@@ -313,7 +334,7 @@ class Directory:
         """Make new_key the signing key; the old one keeps signing for keep_old_ms."""
         change = Change("key_rotated", organization, uuid)
         async with self.pool.transaction() as conn:
-            now = now_ms()
+            now = self.clock.now_ms()  # the claims of every process compare the old key's end
             done = await conn.fetchval(
                 "UPDATE subscriptions SET prev_signing_key = signing_key,"
                 " prev_key_until_ms = $1, signing_key = $2, updated_ms = $3"

@@ -43,7 +43,7 @@ import asyncpg
 
 from pusherd.clock import iso_ms, now_ms
 from pusherd.store.ids import IdSource
-from pusherd.store.postgres.claims import signing_keys
+from pusherd.store.postgres.dbclock import DB_NOW_MS
 from pusherd.store.postgres.pool import Pool
 from pusherd.store.types import ClaimedDelivery, Handover, Taker
 
@@ -51,7 +51,53 @@ Executor = Pool | asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 WAKE_CHANNEL = "pusherd_wake"
 
-_INSERT = """
+# Deliveries are due at the database's time (dbclock.py): another machine's clock may differ.
+_INSERT = (
+    """
+WITH new_events AS (
+    INSERT INTO events (uuid, organization, event_name, message_id, payload, timestamp, created_ms)
+    SELECT x.u, x.o, x.n, x.m, x.p, x.t, $7
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+        WITH ORDINALITY AS x(u, o, n, m, p, t, i)
+    ORDER BY x.i
+    ON CONFLICT (organization, message_id) DO NOTHING
+    RETURNING seq, organization, message_id
+), new_deliveries AS (
+    INSERT INTO deliveries (event_seq, subscription, origin, status, due_ms, created_ms)
+    SELECT e.seq, f.s, f.g, 'pending', """
+    + DB_NOW_MS
+    + """, $7
+    FROM unnest($8::integer[], $9::text[], $10::text[]) WITH ORDINALITY AS f(k, s, g, i)
+    JOIN new_events e
+        ON e.organization = ($2::text[])[f.k] AND e.message_id = ($4::text[])[f.k]
+    ORDER BY f.i
+    RETURNING id, event_seq, subscription
+), locked AS (
+    SELECT subscription FROM queues
+    WHERE subscription IN (SELECT subscription FROM new_deliveries)
+    ORDER BY subscription FOR UPDATE
+), due AS (
+    UPDATE queues q SET next_due_ms = least(q.next_due_ms, """
+    + DB_NOW_MS
+    + """)
+    FROM locked l WHERE q.subscription = l.subscription
+), woke AS (
+    SELECT pg_notify('pusherd_wake', $11::text) FROM (SELECT 1 FROM new_deliveries LIMIT 1) one
+)
+-- w.n is selected so that the planner cannot drop the join, and with it the NOTIFY.
+SELECT e.organization, e.message_id, e.seq, d.id, d.subscription, w.n
+FROM new_events e
+LEFT JOIN new_deliveries d ON d.event_seq = e.seq
+LEFT JOIN (SELECT count(*) AS n FROM woke) w ON true
+ORDER BY e.seq, d.id
+"""
+)
+
+# The same, creating the deliveries the taker has room for leased to it (see the module's
+# docstring); $12 .. $17: owner, lease_ms, room (origins and counts), subscriptions to skip,
+# per_destination. Queue times on the database's clock, as above.
+_INSERT_HANDING = (
+    """
 WITH new_events AS (
     INSERT INTO events (uuid, organization, event_name, message_id, payload, timestamp, created_ms)
     SELECT x.u, x.o, x.n, x.m, x.p, x.t, $7
@@ -77,7 +123,9 @@ WITH new_events AS (
         SELECT count(*) AS live, count(*) FILTER (WHERE d.lease_owner <> $12) AS others
         FROM deliveries d
         WHERE d.origin = r.o AND d.status = 'pending' AND d.lease_owner IS NOT NULL
-            AND d.lease_until_ms > $7
+            AND d.lease_until_ms > """
+    + DB_NOW_MS
+    + """
     ) l
     WHERE $12::text IS NOT NULL AND r.n > 0 AND r.o IN (SELECT g FROM fan)
         AND pg_try_advisory_xact_lock(hashtextextended('pusherd.origin:' || r.o, 0))
@@ -85,15 +133,23 @@ WITH new_events AS (
     SELECT c.i FROM (
         SELECT fan.i, fan.g, row_number() OVER (PARTITION BY fan.g ORDER BY fan.i) AS rank
         FROM fan JOIN locked l ON l.subscription = fan.s
-        WHERE (l.next_due_ms IS NULL OR l.next_due_ms > $7) AND NOT (fan.s = ANY($16::text[]))
+        WHERE (l.next_due_ms IS NULL OR l.next_due_ms > """
+    + DB_NOW_MS
+    + """)
+            AND NOT (fan.s = ANY($16::text[]))
     ) c JOIN open_origins o ON o.origin = c.g
     WHERE c.rank <= o.room
 ), new_deliveries AS (
     INSERT INTO deliveries (event_seq, subscription, origin, status, due_ms, created_ms,
         lease_owner, lease_until_ms)
-    SELECT fan.seq, fan.s, fan.g, 'pending', CASE WHEN h.i IS NULL THEN $7 ELSE $7 + $13 END,
+    SELECT fan.seq, fan.s, fan.g, 'pending',
+        """
+    + DB_NOW_MS
+    + """ + CASE WHEN h.i IS NULL THEN 0 ELSE $13 END,
         $7, CASE WHEN h.i IS NOT NULL THEN $12 END,
-        CASE WHEN h.i IS NOT NULL THEN $7 + $13 END
+        CASE WHEN h.i IS NOT NULL THEN """
+    + DB_NOW_MS
+    + """ + $13 END
     FROM fan LEFT JOIN handed h ON h.i = fan.i
     ORDER BY fan.i
     RETURNING id, event_seq, subscription, due_ms, lease_owner IS NOT NULL AS leased
@@ -107,13 +163,17 @@ WITH new_events AS (
 )
 -- w.n is selected so that the planner cannot drop the join, and with it the NOTIFY.
 SELECT e.organization, e.message_id, e.seq, d.id, d.subscription, w.n, d.leased,
-    s.destination, s.signing_key, s.prev_signing_key, s.prev_key_until_ms
+    s.destination, s.signing_key,
+    CASE WHEN s.prev_key_until_ms > """
+    + DB_NOW_MS
+    + """ THEN s.prev_signing_key END
 FROM new_events e
 LEFT JOIN new_deliveries d ON d.event_seq = e.seq
 LEFT JOIN subscriptions s ON d.leased AND s.uuid = d.subscription
 LEFT JOIN (SELECT count(*) AS n FROM woke) w ON true
 ORDER BY e.seq, d.id
 """
+)
 
 _ORIGINALS = """
 SELECT e.organization, e.message_id, e.uuid,
@@ -237,7 +297,6 @@ class GroupWriter:
     ) -> tuple[list[EventOut], list[ClaimedDelivery]]:
         """The group's outcomes, and the deliveries created leased to the handover's owner."""
         db = self.pool if db is None else db
-        offer = handover or Handover("", 0, {})
         now = now_ms()
         now_iso = iso_ms(now)
         first_of: dict[tuple[str, str], int] = {}
@@ -253,8 +312,7 @@ class GroupWriter:
                 k_col.append(k)
                 s_col.append(sub)
                 g_col.append(origin)
-        rows = await db.fetch(
-            _INSERT,
+        args = [
             [items[i][1] for i in fresh],
             [items[i][0].organization for i in fresh],
             [items[i][0].event_name for i in fresh],
@@ -266,20 +324,26 @@ class GroupWriter:
             s_col,
             g_col,
             self.sender,
-            offer.owner or None,
-            offer.lease_ms,
-            list(offer.room),
-            list(offer.room.values()),
-            list(offer.skip),
-            self.per_destination,
-        )
+        ]
+        if handover is not None and handover.room and s_col:
+            offer = (handover.owner, handover.lease_ms, list(handover.room))
+            rows = await db.fetch(
+                _INSERT_HANDING,
+                *args,
+                *offer,
+                list(handover.room.values()),
+                list(handover.skip),
+                self.per_destination,
+            )
+        else:  # nothing to hand over: the plain statement
+            rows = await db.fetch(_INSERT, *args)
         stored: dict[tuple[str, str], list[int]] = {}
         leased: dict[int, asyncpg.Record] = {}
         for r in rows:
             ids = stored.setdefault((r[0], r[1]), [])
             if r[3] is not None:
                 ids.append(r[3])
-                if r[6]:
+                if len(r) > 6 and r[6]:
                     leased[r[3]] = r
         missing = [
             (e.organization, mid) for e, _, mid in items if (e.organization, mid) not in stored
@@ -324,5 +388,5 @@ def _handed(event: EventIn, uuid: str, mid: str, r: asyncpg.Record, now: int) ->
         payload=event.payload,
         timestamp=event.timestamp or iso_ms(now),
         destination=r[7],
-        signing_keys=signing_keys(r[8], r[9], r[10], now),
+        signing_keys=(r[8],) if r[9] is None else (r[8], r[9]),  # a rotated-out key still valid
     )

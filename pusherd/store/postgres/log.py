@@ -9,6 +9,7 @@ from typing import Any
 from pusherd.clock import now_ms
 from pusherd.store.changes import Change, ChangeFeed
 from pusherd.store.errors import StoreError
+from pusherd.store.postgres.dbclock import DbClock
 from pusherd.store.postgres.directory import refresh_queues
 from pusherd.store.postgres.feed import CHANGE_CHANNEL, payload
 from pusherd.store.postgres.pool import Pool
@@ -51,6 +52,7 @@ class Log:
     """The delivery log (mixed into PostgresStore)."""
 
     pool: Pool
+    clock: DbClock
     changes: ChangeFeed
     sender: str
 
@@ -73,7 +75,7 @@ class Log:
                 return "missing"
             if row[0] == "pending":
                 return "pending"
-            await conn.execute(f"{_REQUEUE} WHERE id = $2", now_ms(), delivery_id)
+            await conn.execute(f"{_REQUEUE} WHERE id = $2", self.clock.now_ms(), delivery_id)
             await refresh_queues(conn, [row[1]])
             await self._queued(conn, change)
         self.changes.announce(change)
@@ -89,7 +91,7 @@ class Log:
                 " AND ($3::bigint IS NULL OR created_ms >= $3)"
                 " AND ($4::text IS NULL OR status = $4) RETURNING 1)"
                 " SELECT count(*) FROM done",
-                now_ms(),
+                self.clock.now_ms(),
                 subscription,
                 since_ms,
                 status,

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import orjson
 
-from pusherd.clock import now_ms
 from pusherd.store.changes import Change, ChangeFeed
 from pusherd.store.postgres import claims
 from pusherd.store.postgres.copy import origin_of
+from pusherd.store.postgres.dbclock import DbClock
 from pusherd.store.postgres.directory import refresh_queues
 from pusherd.store.postgres.feed import QUEUED
 from pusherd.store.postgres.ingest import EventIn, EventOut, GroupWriter
@@ -67,6 +67,7 @@ class Queue:
     """Ingest and the dispatcher's side (mixed into PostgresStore)."""
 
     pool: Pool
+    clock: DbClock
     changes: ChangeFeed
     sender: str
     writer: GroupWriter
@@ -137,13 +138,14 @@ class Queue:
     # -- claims --------------------------------------------------------------------------------
 
     async def due_at(self, blocked: Collection[str] = ()) -> int | None:
-        """The earliest next due time of any queue whose origin is not blocked."""
+        """The earliest next due time of any queue whose origin is not blocked (on this
+        process's clock, as the dispatcher compares it)."""
         value = await self.pool.fetchval(
             "SELECT min(next_due_ms) FROM queues WHERE next_due_ms IS NOT NULL"
             " AND NOT (origin = ANY($1::text[]))",
             list(blocked),
         )
-        return None if value is None else int(value)
+        return None if value is None else self.clock.to_local(int(value))
 
     async def origins_in_use(self, origins: Collection[str]) -> set[str]:
         """Those of these origins that some deliverable subscription points at."""
@@ -163,12 +165,16 @@ class Queue:
         lease_ms: int,
         default_total: int | None = None,
     ) -> Claim:
-        """Lease due deliveries (pusherd_claim), judged by the database's clock."""
+        """Lease due deliveries (pusherd_claim), judged by the database's clock; the next due
+        time comes back on this process's clock (a dispatcher whose clock runs ahead would
+        otherwise find it past, and claim in a loop)."""
+        if self.clock.stale():
+            await self.clock.measure(self.pool)
         # Not while an ingest of this process hands rows over: its queue rows and origin
         # locks would make the claim skip them (and it comes back only when woken again).
         async with self.writer.handing:
             got = await self._claim(owner, room, default_room, budget, lease_ms, default_total)
-        now = now_ms()
+        now = self.clock.now_ms()  # prev_key_until_ms is on the database's clock
         out = []
         for r in got.rows:
             self.leases[int(r["id"])] = int(r["lease_token"])
@@ -191,7 +197,8 @@ class Queue:
                     signing_keys=keys,
                 )
             )
-        return Claim(out, got.more, got.next_due_ms)
+        next_due = None if got.next_due_ms is None else self.clock.to_local(got.next_due_ms)
+        return Claim(out, got.more, next_due)
 
     async def _claim(
         self,
@@ -230,7 +237,7 @@ class Queue:
                 f" lease_until_ms = NULL, due_ms = {_DUE_AGAIN}"
                 " WHERE id = ANY($2::bigint[]) AND status = 'pending' AND lease_owner = $3"
                 " RETURNING subscription",
-                now_ms(),
+                self.clock.now_ms(),
                 list(ids),
                 owner,
             )
@@ -241,7 +248,7 @@ class Queue:
     async def recover_leases(self, is_dead: Callable[[str], bool]) -> int:
         """Make rows leased by dead owners due now; how many. (On PostgreSQL a lease also
         runs out by itself: its row is due again at the lease's end, for any process.)"""
-        now = now_ms()
+        now = self.clock.now_ms()
         owners = await self.pool.fetch(
             "SELECT DISTINCT lease_owner FROM deliveries"
             " WHERE status = 'pending' AND lease_owner IS NOT NULL AND lease_until_ms > $1",
@@ -293,7 +300,7 @@ class Queue:
                 " AND status = 'pending' ORDER BY id LIMIT $5 FOR UPDATE SKIP LOCKED)"
                 " RETURNING 1) SELECT count(*) FROM done",
                 status,
-                now_ms(),
+                self.clock.now_ms(),
                 error,
                 subscription,
                 batch,

@@ -18,6 +18,7 @@ import structlog
 from pusherd.clock import now_ms
 from pusherd.store.changes import Change, ChangeFeed, ChangeKind
 from pusherd.store.postgres import claims
+from pusherd.store.postgres.dbclock import DbClock
 from pusherd.store.postgres.directory import Conn, sync_queue
 from pusherd.store.postgres.feed import CHANGE_CHANNEL, payload
 from pusherd.store.postgres.pool import Pool
@@ -48,6 +49,7 @@ class Records:
     """Attempt records (mixed into PostgresStore)."""
 
     pool: Pool
+    clock: DbClock
     changes: ChangeFeed
     sender: str
     leases: dict[int, int]
@@ -68,7 +70,8 @@ class Records:
         token) moves the row on, and only then may the outcome change the subscription."""
         now = now_ms()
         if finish == "retry":
-            status, due = "pending", next_attempt_ms or now
+            # Computed on this process's clock, compared on the database's (dbclock.py).
+            status, due = "pending", self.clock.to_db(next_attempt_ms or now)
         else:
             status, due = ("delivered" if finish == "delivered" else "failed"), None
         outcome = claims.Outcome(
@@ -114,9 +117,17 @@ class Records:
                     self.changes.announce(Change(kind, change.organization, change.subscription))
 
     async def _write_records(self, batch: list[PendingRecord]) -> list[StatusChange | None]:
-        now = now_ms()
+        now = self.clock.now_ms()  # failing_since_ms is compared by every process
         out: list[StatusChange | None] = [None] * len(batch)
         async with self.pool.transaction() as conn:
+            # The subscriptions first, as a subscription update locks them (then deliveries,
+            # then queues): a destination change racing this record cannot deadlock (issue 12).
+            rows = await conn.fetch(
+                "SELECT uuid, organization, contact_email, destination, status, failing_since_ms"
+                " FROM subscriptions WHERE uuid = ANY($1::text[]) AND deleted_ms IS NULL"
+                " ORDER BY uuid FOR UPDATE",
+                sorted({r.delivery.subscription for r in batch}),
+            )
             done: set[int] = set()
             by_owner: dict[str, list[tuple[int, int | None, claims.Outcome]]] = {}
             for r in batch:
@@ -126,13 +137,6 @@ class Records:
             applied = [i for i, r in enumerate(batch) if r.delivery.id in done]
             if not applied:
                 return out
-            subs = sorted({batch[i].delivery.subscription for i in applied})
-            rows = await conn.fetch(
-                "SELECT uuid, organization, contact_email, destination, status, failing_since_ms"
-                " FROM subscriptions WHERE uuid = ANY($1::text[]) AND deleted_ms IS NULL"
-                " ORDER BY uuid FOR UPDATE",
-                subs,
-            )
             state: dict[str, list[Any]] = {r[0]: list(r[1:]) for r in rows}
             before = {uuid: (s[3], s[4]) for uuid, s in state.items()}
             for i in applied:

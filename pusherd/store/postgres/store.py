@@ -12,7 +12,6 @@ import secrets
 
 import asyncpg
 
-from pusherd.clock import now_ms
 from pusherd.ratelimit import Verdict, shared_verdict
 from pusherd.store.changes import Change, ChangeFeed
 from pusherd.store.console import ConsoleStore
@@ -20,6 +19,7 @@ from pusherd.store.errors import StoreError
 from pusherd.store.ids import IdSource
 from pusherd.store.postgres import ratelimit
 from pusherd.store.postgres.console import PostgresConsoleStore
+from pusherd.store.postgres.dbclock import DbClock
 from pusherd.store.postgres.directory import Directory
 from pusherd.store.postgres.feed import CHANGE_CHANNEL, WAKE_CHANNEL, RemoteChanges
 from pusherd.store.postgres.ingest import GroupWriter
@@ -42,6 +42,7 @@ class PostgresStore(Directory, Queue, Records, Log):
 
     def __init__(self, pool: Pool, *, per_destination: int = UNLIMITED) -> None:
         self.pool = pool
+        self.clock = DbClock()  # every time in the queue is on the database's clock
         # Names this store in its notifications: its own echo is ignored.
         self.sender = secrets.token_hex(8)
         self.ids = IdSource()
@@ -87,7 +88,8 @@ class PostgresStore(Directory, Queue, Records, Log):
 
     async def rate_hit(self, organization: str, per_minute: int, per_hour: int) -> Verdict:
         """One API request against the organization's limits, counted for every process."""
-        now = now_ms()
+        # The windows are the database clock's minutes and hours, the same for every process.
+        now = self.clock.now_ms()
         c = await ratelimit.hit(self.pool, organization, now, per_minute, per_hour)
         return shared_verdict(
             now,
@@ -125,6 +127,11 @@ async def open_postgres(
     pool = Pool(url)
     await pool.open()
     store = PostgresStore(pool, per_destination=per_destination or UNLIMITED)
+    try:
+        await store.clock.measure(pool)
+    except BaseException:
+        await pool.close()
+        raise
     if background:
         await store.listen()
     return store

@@ -30,6 +30,7 @@ from pusherd.store.console import (
     new_link_secret,
 )
 from pusherd.store.sqlite.db import Database
+from pusherd.store.sqlite.sessions import SqliteSessions
 from pusherd.store.sqlite.subscriptions import _COLUMNS as _SUB_COLUMNS
 from pusherd.store.sqlite.subscriptions import _row as _subscription
 from pusherd.store.sqlite.tokens import _COLUMNS as _TOKEN_COLUMNS
@@ -52,8 +53,8 @@ def _org_clause(organization: str | None, column: str = "s.organization") -> tup
     return f" AND {column} = ?", [organization]
 
 
-class SqliteConsoleStore:
-    """ConsoleStore on the SQLite file's reader connection."""
+class SqliteConsoleStore(SqliteSessions):
+    """ConsoleStore on the SQLite file's reader connection (sessions: store/sqlite/sessions.py)."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
