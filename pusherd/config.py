@@ -276,9 +276,12 @@ _EVENT_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 
 
 def _parse_events(value: object) -> tuple[EventType, ...]:
+    # Imported here: the catalogue module builds on this one's EventType.
+    from pusherd.catalogue import BUILTIN_EVENTS, TEST_MESSAGE
+
     if not isinstance(value, list):
         raise ConfigError("events: expected [[events]] tables with name and scope")
-    out = []
+    out: list[EventType] = []
     for i, item in enumerate(value):
         where = f"events[{i}]"
         if not isinstance(item, dict):
@@ -291,6 +294,12 @@ def _parse_events(value: object) -> tuple[EventType, ...]:
             raise ConfigError(f"{where}.name: expected an event name of [A-Za-z0-9._-]{{1,100}}")
         if not isinstance(scope, str) or not scope:
             raise ConfigError(f"{where}.scope: expected a scope such as READ:FINANCE")
+        # A second declaration would silently win over the first (or re-scope a built-in event,
+        # changing who may subscribe to it): the operator is told instead.
+        if name == TEST_MESSAGE or BUILTIN_EVENTS.get(name, scope) != scope:
+            raise ConfigError(f"{where}.name: {name} is a built-in event type")
+        if any(e.name == name for e in out):
+            raise ConfigError(f"{where}.name: {name} is declared twice")
         out.append(EventType(name=name, scope=scope))
     return tuple(out)
 
