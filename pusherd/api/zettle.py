@@ -96,7 +96,9 @@ async def create_subscription(request: web.Request) -> web.Response:
     except subs.ScopeError as exc:
         raise ApiError(403, str(exc)) from None
     except UuidTakenError:
-        raise ApiError(400, "a subscription with this uuid already exists") from None
+        raise ApiError(
+            400, "this uuid is already used by a subscription (uuids of deleted ones stay used)"
+        ) from None
     return json_response(to_json(sub))
 
 
