@@ -119,3 +119,31 @@ def test_output_into_a_closed_pipe_is_not_a_traceback(tmp_path: Path) -> None:
         os.close(write_end)
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode == 1
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "eventNames[]=ProductCreated&eventNames[]=ProductUpdated",  # PHP http_build_query
+        "eventNames%5B0%5D=ProductCreated&eventNames%5B1%5D=ProductUpdated",  # qs, encoded
+        "eventNames[0]=ProductCreated&eventNames[1]=ProductUpdated",
+    ],
+)
+async def test_zettle_query_arrays_written_with_brackets(harness: Harness, query: str) -> None:
+    """SPEC §3 takes the seed's query parameters; PHP and JavaScript clients write arrays with
+    brackets, which name the same field as the repeated parameter does."""
+    token = harness.token()
+    sub_uuid = "0e5d3f2a-8f35-11eb-8dcd-0242ac130003"
+    url = (
+        f"{BASE}?uuid={sub_uuid}&transportName=WEBHOOK&{query}"
+        f"&destination={PUBLIC}&contactEmail=ops@example.com"
+    )
+    resp = await harness.api.post(url, headers=harness.auth(token))
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["eventNames"] == ["ProductCreated", "ProductUpdated"]
+    resp = await harness.api.put(
+        f"{BASE}/{sub_uuid}?eventNames[]=PurchaseCreated", headers=harness.auth(token)
+    )
+    assert resp.status == 200, await resp.text()
+    resp = await harness.api.get(f"{BASE}/{sub_uuid}", headers=harness.auth(token))
+    assert (await resp.json())["eventNames"] == ["PurchaseCreated"]
