@@ -132,6 +132,15 @@ def _string(value: object) -> str:
     return value
 
 
+def _db_path(value: object) -> str:
+    text = _string(value)
+    # SQLite would open "" or ":memory:" as a private temporary database per connection: the
+    # reader would not see what the writer commits, and nothing would outlive the process.
+    if not text.strip() or text.strip() == ":memory:":
+        raise ValueError("expected the path of the SQLite database file")
+    return text
+
+
 def _storage_url(value: object) -> str:
     text = _string(value)
     if text and not text.startswith(("postgresql://", "postgres://")):
@@ -227,7 +236,7 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, tuple[str, Any]]]] = {
     "storage": (
         StorageConfig,
         {
-            "path": ("path", _string),
+            "path": ("path", _db_path),
             "url": ("url", _storage_url),
             "retention": ("retention", _positive_duration),
         },

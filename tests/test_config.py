@@ -174,6 +174,8 @@ def test_unknown_keys_are_refused(tmp_path: Path, toml: str, key: str) -> None:
         ("[smtp]\ntimeout = 'slow'\n", "smtp.timeout"),
         ("[log]\nlevel = 'loud'\n", "log.level"),
         ("[log]\nformat = 'xml'\n", "log.format"),
+        ("[storage]\npath = ''\n", "storage.path"),
+        ("[storage]\npath = ':memory:'\n", "storage.path"),
         ("events = 5\n", "events"),
         ("[[events]]\nscope = 'READ:FINANCE'\n", "events[0].name"),
         ("[[events]]\nname = 'has space'\nscope = 'READ:FINANCE'\n", "events[0].name"),
