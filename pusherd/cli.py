@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import uuid as uuidlib
@@ -293,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pusherd", description="Self-hosted webhook relay daemon."
     )
     parser.add_argument("--version", action="version", version=f"pusherd {__version__}")
+    # Also before the command (`pusherd --config F serve`), as most daemons take it; the one
+    # after the command name wins when both are given.
+    parser.add_argument(
+        "--config", dest="global_config", metavar="FILE", help="TOML config file (any command)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the daemon (API and ingest listeners)")
@@ -367,8 +373,9 @@ def _lazy(module: str, name: str) -> Callable[[argparse.Namespace, Config], int]
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pusherd` console script."""
     args = build_parser().parse_args(argv)
+    config_path = getattr(args, "config", None) or args.global_config
     try:
-        config = load_config(getattr(args, "config", None))
+        config = load_config(config_path)
     except ConfigError as exc:
         print(f"pusherd: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -384,10 +391,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             import uvloop
 
             with contextlib.suppress(KeyboardInterrupt):
-                return uvloop.run(serve(config, getattr(args, "config", None)))
+                return uvloop.run(serve(config, config_path))
             return 0
         result: int = args.func(args, config)
         return result
+    except BrokenPipeError:
+        # stdout closed early (`pusherd token list | head -1`): not an error worth a traceback.
+        # Point stdout at /dev/null so that the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except CliError as exc:
         print(f"pusherd: {exc}", file=sys.stderr)
         return 1
