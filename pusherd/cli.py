@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -50,6 +51,20 @@ def make_site(runner: web.AppRunner, listen: str) -> web.BaseSite:
     return web.TCPSite(runner, host, port)
 
 
+def freeze_startup_heap() -> int:
+    """Collect once, then move every live object into the collector's permanent generation;
+    how many are frozen.
+
+    What start-up made (modules, the apps, the store) lives as long as the process. Left in
+    the oldest generation, every full collection walks it again (~55,000 objects, 5-10 ms with
+    the event loop stopped, which showed in the e2e tail); frozen, a full collection walks only
+    what was made since.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 async def serve(config: Config, config_path: str | None) -> int:
     """Run both listeners until SIGTERM/SIGINT; SIGHUP reloads log level and rate limits."""
     from pusherd.app import create_app
@@ -84,6 +99,7 @@ async def serve(config: Config, config_path: str | None) -> int:
             ingest=config.ingest.listen,
             database=mask_url_password(config.storage.url) or config.storage.path,
         )
+        freeze_startup_heap()
         notifier.ready()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
