@@ -264,7 +264,7 @@ async def test_token_names_cannot_break_the_list_format(config_file: Path) -> No
 def test_serve_freezes_what_start_up_made_out_of_the_collectors_walks() -> None:
     import gc
 
-    from pusherd.cli import freeze_startup_heap
+    from pusherd.daemon import freeze_startup_heap
 
     made_at_start_up = [["long-lived"]]
     try:
