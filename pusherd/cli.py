@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
+import os
 import sys
 import uuid as uuidlib
 from collections.abc import Awaitable, Callable, Sequence
@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 
 import orjson
 import structlog
-from aiohttp import web
 
 from pusherd import __version__
 from pusherd.clock import iso_ms, now_ms
@@ -22,7 +21,6 @@ from pusherd.config import (
     ConfigError,
     effective_config,
     load_config,
-    mask_url_password,
     split_listen,
 )
 from pusherd.log import configure_logging
@@ -36,86 +34,6 @@ log = structlog.get_logger("pusherd")
 
 class CliError(Exception):
     """A one-line error for the user; exit code 1."""
-
-
-# -- serve ---------------------------------------------------------------------------------
-
-
-def make_site(runner: web.AppRunner, listen: str) -> web.BaseSite:
-    """A TCP site for host:port, or a Unix socket site for unix:/path."""
-    if listen.startswith("unix:"):
-        return web.UnixSite(runner, listen[len("unix:") :])
-    host, port = split_listen(listen)
-    return web.TCPSite(runner, host, port)
-
-
-async def serve(config: Config, config_path: str | None) -> int:
-    """Run both listeners until SIGTERM/SIGINT; SIGHUP reloads log level and rate limits."""
-    from pusherd.app import create_app
-    from pusherd.httpserver import AppRunner
-    from pusherd.keys import INGEST_APP, RUNTIME
-    from pusherd.systemd import SystemdNotifier
-
-    notifier = SystemdNotifier.from_env()
-    app = create_app(config)
-    runtime = app[RUNTIME]
-    grace = min(config.delivery.shutdown_grace, 5.0)
-    api_runner = AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=grace)
-    ingest_runner = AppRunner(
-        app[INGEST_APP], access_log=None, handle_signals=False, shutdown_timeout=grace
-    )
-    await api_runner.setup()
-    draining: asyncio.Future[None] | None = None
-    try:
-        await ingest_runner.setup()
-        for runner, listen in (
-            (api_runner, config.api.listen),
-            (ingest_runner, config.ingest.listen),
-        ):
-            try:
-                await make_site(runner, listen).start()
-            except OSError as exc:
-                raise CliError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
-        log.info(
-            "pusherd_started",
-            version=__version__,
-            api=config.api.listen,
-            ingest=config.ingest.listen,
-            database=mask_url_password(config.storage.url) or config.storage.path,
-        )
-        notifier.ready()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-
-        def reload() -> None:
-            try:
-                fresh = load_config(config_path)
-            except ConfigError as exc:
-                log.error("reload_failed", error=str(exc))
-                return
-            configure_logging(fresh.log.level, fresh.log.format)
-            runtime.reload(fresh)
-            log.info("config_reloaded", level=fresh.log.level, ratelimit=str(fresh.ratelimit))
-
-        loop.add_signal_handler(signal.SIGHUP, reload)
-        watchdog = notifier.start_watchdog()
-        await stop.wait()
-        log.info("pusherd_stopping")
-        # No new attempts from now on; the in-flight ones get shutdown_grace counted from the
-        # signal, while the listeners shut down (the app's cleanup joins this same stop).
-        draining = asyncio.ensure_future(runtime.dispatcher.stop(config.delivery.shutdown_grace))
-        notifier.stopping()
-        if watchdog is not None:
-            watchdog.cancel()
-    finally:
-        await ingest_runner.cleanup()
-        await api_runner.cleanup()
-    if draining is not None:
-        await draining
-    log.info("pusherd_stopped")
-    return 0
 
 
 # -- tokens --------------------------------------------------------------------------------
@@ -293,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pusherd", description="Self-hosted webhook relay daemon."
     )
     parser.add_argument("--version", action="version", version=f"pusherd {__version__}")
+    # Also before the command (`pusherd --config F serve`), as most daemons take it; the one
+    # after the command name wins when both are given.
+    parser.add_argument(
+        "--config", dest="global_config", metavar="FILE", help="TOML config file (any command)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the daemon (API and ingest listeners)")
@@ -367,8 +290,9 @@ def _lazy(module: str, name: str) -> Callable[[argparse.Namespace, Config], int]
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pusherd` console script."""
     args = build_parser().parse_args(argv)
+    config_path = getattr(args, "config", None) or args.global_config
     try:
-        config = load_config(getattr(args, "config", None))
+        config = load_config(config_path)
     except ConfigError as exc:
         print(f"pusherd: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -384,10 +308,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             import uvloop
 
             with contextlib.suppress(KeyboardInterrupt):
-                return uvloop.run(serve(config, getattr(args, "config", None)))
+                from pusherd.daemon import serve
+
+                return uvloop.run(serve(config, config_path))
             return 0
         result: int = args.func(args, config)
         return result
+    except BrokenPipeError:
+        # stdout closed early (`pusherd token list | head -1`): not an error worth a traceback.
+        # Point stdout at /dev/null so that the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except CliError as exc:
         print(f"pusherd: {exc}", file=sys.stderr)
         return 1

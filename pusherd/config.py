@@ -132,6 +132,15 @@ def _string(value: object) -> str:
     return value
 
 
+def _db_path(value: object) -> str:
+    text = _string(value)
+    # SQLite would open "" or ":memory:" as a private temporary database per connection: the
+    # reader would not see what the writer commits, and nothing would outlive the process.
+    if not text.strip() or text.strip() == ":memory:":
+        raise ValueError("expected the path of the SQLite database file")
+    return text
+
+
 def _storage_url(value: object) -> str:
     text = _string(value)
     if text and not text.startswith(("postgresql://", "postgres://")):
@@ -227,7 +236,7 @@ _SECTIONS: dict[str, tuple[type[Any], dict[str, tuple[str, Any]]]] = {
     "storage": (
         StorageConfig,
         {
-            "path": ("path", _string),
+            "path": ("path", _db_path),
             "url": ("url", _storage_url),
             "retention": ("retention", _positive_duration),
         },
@@ -276,9 +285,12 @@ _EVENT_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 
 
 def _parse_events(value: object) -> tuple[EventType, ...]:
+    # Imported here: the catalogue module builds on this one's EventType.
+    from pusherd.catalogue import BUILTIN_EVENTS, TEST_MESSAGE
+
     if not isinstance(value, list):
         raise ConfigError("events: expected [[events]] tables with name and scope")
-    out = []
+    out: list[EventType] = []
     for i, item in enumerate(value):
         where = f"events[{i}]"
         if not isinstance(item, dict):
@@ -291,6 +303,12 @@ def _parse_events(value: object) -> tuple[EventType, ...]:
             raise ConfigError(f"{where}.name: expected an event name of [A-Za-z0-9._-]{{1,100}}")
         if not isinstance(scope, str) or not scope:
             raise ConfigError(f"{where}.scope: expected a scope such as READ:FINANCE")
+        # A second declaration would silently win over the first (or re-scope a built-in event,
+        # changing who may subscribe to it): the operator is told instead.
+        if name == TEST_MESSAGE or BUILTIN_EVENTS.get(name, scope) != scope:
+            raise ConfigError(f"{where}.name: {name} is a built-in event type")
+        if any(e.name == name for e in out):
+            raise ConfigError(f"{where}.name: {name} is declared twice")
         out.append(EventType(name=name, scope=scope))
     return tuple(out)
 

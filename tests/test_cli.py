@@ -259,3 +259,17 @@ async def test_token_names_cannot_break_the_list_format(config_file: Path) -> No
     _, out, _ = await run_cli_async("token", "list", "--config", str(config_file))
     (row,) = rows(out)
     assert row[3] == "two words and a line"
+
+
+def test_serve_freezes_what_start_up_made_out_of_the_collectors_walks() -> None:
+    import gc
+
+    from pusherd.daemon import freeze_startup_heap
+
+    made_at_start_up = [["long-lived"]]
+    try:
+        assert freeze_startup_heap() > 1000
+        # A full collection no longer walks it (nor the modules, the app, the store).
+        assert not any(o is made_at_start_up for o in gc.get_objects())
+    finally:
+        gc.unfreeze()

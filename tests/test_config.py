@@ -174,11 +174,24 @@ def test_unknown_keys_are_refused(tmp_path: Path, toml: str, key: str) -> None:
         ("[smtp]\ntimeout = 'slow'\n", "smtp.timeout"),
         ("[log]\nlevel = 'loud'\n", "log.level"),
         ("[log]\nformat = 'xml'\n", "log.format"),
+        ("[storage]\npath = ''\n", "storage.path"),
+        ("[storage]\npath = ':memory:'\n", "storage.path"),
         ("events = 5\n", "events"),
         ("[[events]]\nscope = 'READ:FINANCE'\n", "events[0].name"),
         ("[[events]]\nname = 'has space'\nscope = 'READ:FINANCE'\n", "events[0].name"),
         ("[[events]]\nname = 'a.b'\n", "events[0].scope"),
         ("[[events]]\nname = 'a.b'\nscope = ''\n", "events[0].scope"),
+        # a second declaration would silently win, or re-scope a built-in event
+        (
+            "[[events]]\nname = 'a.b'\nscope = 'X'\n[[events]]\nname = 'a.b'\nscope = 'Y'\n",
+            "events[1].name",
+        ),
+        (
+            "[[events]]\nname = 'a.b'\nscope = 'X'\n[[events]]\nname = 'a.b'\nscope = 'X'\n",
+            "events[1].name",
+        ),
+        ("[[events]]\nname = 'ProductCreated'\nscope = 'READ:FINANCE'\n", "events[0].name"),
+        ("[[events]]\nname = 'TestMessage'\nscope = 'READ:FINANCE'\n", "events[0].name"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, toml: str, key: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -13,6 +14,8 @@ import trustme
 from pusherd.delivery import http
 from pusherd.delivery.http import HttpClient
 from pusherd.delivery.sender import Sender
+from pusherd.runtime import idle_connections
+from tests.conftest import Harness
 from tests.rawserver import OK, Handler, MakeServer, RawServer, answering, delivery, raw_servers
 
 
@@ -374,3 +377,27 @@ async def test_ipv6_literal_destination_gets_a_bracketed_host_header(
     head = server.requests[0][0]
     assert head.startswith(b"POST /v6?x=1 HTTP/1.1\r\n")
     assert f"\r\nHost: [::1]:{server.port}\r\n".encode() in head
+
+
+@pytest.mark.parametrize(
+    ("nofile", "pooled"),
+    [
+        (20000, 512),  # twice max_in_flight: 50 destinations x 8 connections stay pooled
+        (1024, 512),
+        (600, 256),  # never fewer than max_in_flight
+        (resource.RLIM_INFINITY, 512),
+    ],
+)
+def test_the_idle_pool_holds_twice_max_in_flight_within_the_descriptor_limit(
+    monkeypatch: pytest.MonkeyPatch, nofile: int, pooled: int
+) -> None:
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (nofile, resource.RLIM_INFINITY))
+    assert idle_connections(256) == pooled
+
+
+async def test_the_daemon_pools_more_idle_connections_than_max_in_flight(
+    harness: Harness,
+) -> None:
+    max_in_flight = harness.config.delivery.max_in_flight
+    assert harness.runtime._client is not None
+    assert harness.runtime._client.max_idle == idle_connections(max_in_flight) > max_in_flight

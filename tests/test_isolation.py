@@ -103,6 +103,67 @@ async def test_fifty_silent_destinations_do_not_delay_a_healthy_one(
     assert held <= 50
 
 
+async def test_an_attempt_next_to_silent_origins_with_rows_waiting_does_not_visit_them(
+    silent_factory: Callable[[], Awaitable[Silent]],
+    harness_factory: HarnessFactory,
+    receiver_factory: ReceiverFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = await harness_factory(delivery={"timeout": "10s"})
+    token = h.token()
+    dead = [await silent_factory() for _ in range(50)]
+    for s in dead:
+        await h.subscribe(token, s.url, ["PaymentCreated"])
+    healthy = await receiver_factory()
+    await h.subscribe(token, healthy.url, ["ProductCreated"])
+    await healthy.wait_for(1, "TestMessage", timeout=4)
+    resp = await h.ingest.post(
+        "/events",
+        json=[
+            {"eventName": "PaymentCreated", "organizationUuid": ORG, "payload": i}
+            for i in range(20)
+        ],
+    )
+    assert resp.status == 202
+    # Every silent origin holds its one attempt with rows waiting behind it.
+    dispatcher: Any = h.runtime.dispatcher
+    dead_origins = {origin(s.url) for s in dead}
+
+    def backlog_everywhere() -> bool:
+        held = {o.name for o in dispatcher._origins.values() if o.in_flight and o.waiting}
+        return dead_origins <= held
+
+    deadline = time.monotonic() + 4
+    while not backlog_everywhere():
+        assert time.monotonic() < deadline, "the silent origins did not all get their rows"
+        await asyncio.sleep(0.01)
+
+    from pusherd.delivery.origins import Origin
+
+    visits = 0
+    real = Origin.may_start
+
+    def counted(self: Origin, per_destination: int) -> bool:
+        nonlocal visits
+        if self.name in dead_origins:
+            visits += 1
+        return real(self, per_destination)
+
+    monkeypatch.setattr(Origin, "may_start", counted)
+    n = 300
+    resp = await h.ingest.post(
+        "/events",
+        json=[
+            {"eventName": "ProductCreated", "organizationUuid": ORG, "payload": i} for i in range(n)
+        ],
+    )
+    assert resp.status == 202
+    await healthy.wait_for(n, "ProductCreated", timeout=8)
+    # A finished attempt looks at its own origin; the silent ones are looked at when rows come
+    # in (a claim, the ingest's hand-over), not twice per attempt of another origin (17,600).
+    assert visits <= len(dead), visits
+
+
 @contextlib.contextmanager
 def refusing_ports(n: int) -> Iterator[list[int]]:
     """n loopback ports that are bound by this test and refuse every connection (no listen)."""

@@ -33,6 +33,10 @@ _EMAIL_RE = re.compile(
 )
 EMAIL_MAX = 512
 DESTINATION_MAX = 2048
+# Spaces and control characters are not allowed anywhere in a URL (RFC 3986). The URL parser
+# would not refuse them: it drops tabs and line breaks and percent-encodes the rest, so the
+# receiver would be sent to another path than the one stored and shown.
+_URL_FORBIDDEN = re.compile(r"[\x00-\x20\x7f]")
 WELCOME_PAYLOAD = orjson.dumps({"data": "payload"}).decode()
 TEST_PAYLOAD = orjson.dumps({"test": True}).decode()
 
@@ -124,6 +128,8 @@ async def parse_destination(
         # Checked before anything parses or resolves it, and before a cache keyed by destination
         # could hold on to it.
         raise FieldError(field, f"{field} must not exceed {DESTINATION_MAX} characters")
+    if _URL_FORBIDDEN.search(value):
+        raise FieldError(field, f"{field} must not contain spaces or control characters")
     try:
         await vet_destination(
             value,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from aiohttp import web
@@ -38,6 +39,22 @@ def _field_error(exc: subs.FieldError) -> ApiError:
     return ApiError(422 if exc.field in UNPROCESSABLE_FIELDS else 400, exc.message)
 
 
+# PHP's http_build_query and JavaScript's qs write an array as `eventNames[]=A&eventNames[]=B` or
+# `eventNames[0]=A&eventNames[1]=B`: read those as the repeated parameter they stand for.
+_BRACKETED = re.compile(r"^(\w+)\[\d*\]$")
+
+
+def _query_arrays(request: web.Request) -> dict[str, list[str]]:
+    """Each array field's values from the query, in order, whichever way it is spelled."""
+    out: dict[str, list[str]] = {}
+    for key, value in request.query.items():
+        m = _BRACKETED.match(key)
+        name = m.group(1) if m else key
+        if name in ARRAY_FIELDS:
+            out.setdefault(name, []).extend(v for v in value.split(",") if v)
+    return out
+
+
 async def _fields(request: web.Request) -> dict[str, Any]:
     """Body fields, with query parameters filling in what the body does not carry."""
     body = await read_json(request)
@@ -45,13 +62,10 @@ async def _fields(request: web.Request) -> dict[str, Any]:
         raise ApiError(400, "request body must be a JSON object")
     fields = dict(body)
     for key in set(request.query):
-        if key in fields:
-            continue
-        values = request.query.getall(key)
-        if key in ARRAY_FIELDS:
-            fields[key] = [v for item in values for v in item.split(",") if v]
-        else:
-            fields[key] = values[-1]
+        if key not in fields and key not in ARRAY_FIELDS:
+            fields[key] = request.query.getall(key)[-1]
+    for key, values in _query_arrays(request).items():
+        fields.setdefault(key, values)
     return fields
 
 
@@ -96,7 +110,9 @@ async def create_subscription(request: web.Request) -> web.Response:
     except subs.ScopeError as exc:
         raise ApiError(403, str(exc)) from None
     except UuidTakenError:
-        raise ApiError(400, "a subscription with this uuid already exists") from None
+        raise ApiError(
+            400, "this uuid is already used by a subscription (uuids of deleted ones stay used)"
+        ) from None
     return json_response(to_json(sub))
 
 

@@ -56,6 +56,9 @@ class Attempts:
         self._stop = asyncio.Event()
         self._in_flight = 0
         self._gone: set[str] = set()  # answered 410, not yet recorded DISABLED
+        # Some origin's rows wait for room of the whole process (max_in_flight, or the share of
+        # origins not proven healthy) rather than its own: a freed slot must look at every origin.
+        self._starved = False
         # Labelled metric children looked up once: labels() is costly on the hot path.
         self._outcomes = {
             o: metrics.attempts.labels(outcome=o)
@@ -81,30 +84,52 @@ class Attempts:
         self._wake.set()
         return len(ids)
 
-    def _pump(self) -> None:
-        """Start waiting rows wherever an origin and the process have room."""
+    def _pump(self, only: Origin | None = None) -> None:
+        """Start waiting rows wherever an origin and the process have room.
+
+        With `only`, an origin whose own room grew (its attempt was written or answered): the
+        other origins are looked at too only when one of them waits for room of the whole
+        process, so a finished attempt does not cost a walk over every origin (50 silent
+        origins with rows waiting made each attempt next to them ~10% dearer).
+        """
         if self._stop.is_set():
             return
         now = time.monotonic()
+        if only is not None and not self._starved:
+            self._pump_origin(only, now)
+            return
+        self._starved = False
         for origin in self._origins.values():
-            # Requests leave in the order rows wait: on idle connections they are written
-            # at once, one after the other; a request that needs a new connection holds the
-            # origin's next ones until it is written. Answers are awaited concurrently.
-            while (
-                origin.waiting
-                and not origin.sending
-                and self._in_flight < self.config.max_in_flight
-            ):
-                breaker = origin.breaker
-                if breaker.tripped():
-                    if breaker.paused(now) or breaker.probing or origin.in_flight:
-                        break
-                    if not origin.may_start(self.config.per_destination):
-                        break
-                    breaker.probing = True  # the pause is over: this attempt is the probe
-                elif not origin.may_start(self.config.per_destination):
-                    break
-                self._start(origin, origin.waiting.popleft())
+            self._pump_origin(origin, now)
+
+    def _pump_origin(self, origin: Origin, now: float) -> None:
+        # Requests leave in the order rows wait: on idle connections they are written at once,
+        # one after the other; a request that needs a new connection holds the origin's next
+        # ones until it is written. Answers are awaited concurrently.
+        while origin.waiting and not origin.sending:
+            if self._in_flight >= self.config.max_in_flight:
+                self._starved = True
+                return
+            breaker = origin.breaker
+            if breaker.tripped():
+                if breaker.paused(now) or breaker.probing or origin.in_flight:
+                    return
+                if not self._may_start(origin):
+                    return
+                breaker.probing = True  # the pause is over: this attempt is the probe
+            elif not self._may_start(origin):
+                return
+            self._start(origin, origin.waiting.popleft())
+
+    def _may_start(self, origin: Origin) -> bool:
+        """Whether the origin may start one more attempt; notes when only the shares of the
+        origins not proven healthy hold it back (a slot freed anywhere may then let it go)."""
+        per_destination = self.config.per_destination
+        if origin.may_start(per_destination):
+            return True
+        if origin.in_flight < origin.cap(per_destination):
+            self._starved = True
+        return False
 
     def _origin(self, destination: str) -> Origin:
         try:
@@ -167,7 +192,7 @@ class Attempts:
                 return
             sent = True
             origin.sending -= 1
-            self._pump()
+            self._pump(origin)
 
         def free_slot() -> None:
             nonlocal slot_freed
@@ -178,7 +203,7 @@ class Attempts:
             origin.end()
             self._in_flight -= 1
             origin.in_flight_gauge.set(origin.in_flight)
-            self._pump()
+            self._pump(origin)
             self._wake.set()
 
         try:

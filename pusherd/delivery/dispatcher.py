@@ -30,6 +30,7 @@ from pusherd.delivery.origins import (
     BREAKER_FIRST_PAUSE_S,
     QUEUE_FACTOR,
     Claims,
+    Origin,
     prune,
 )
 from pusherd.delivery.recorder import Recorder
@@ -261,6 +262,7 @@ class Dispatcher(Attempts):
             return
         gone = []
         stale: dict[str, list[int]] = {}
+        fed: dict[str, Origin] = {}  # origins given rows: only they may start more now
         for d in claimed:
             if d.id in self._held:
                 continue  # already ours (its lease was just renewed)
@@ -271,12 +273,15 @@ class Dispatcher(Attempts):
                 stale.setdefault(d.subscription, []).append(d.id)
                 continue
             self._held.add(d.id)
-            self._origin(d.destination).waiting.append(d)
+            origin = self._origin(d.destination)
+            origin.waiting.append(d)
+            fed[origin.name] = origin
         if gone:
             self._spawn(self._release(gone))
         for sub, ids in stale.items():
             self._hand_back(sub, ids)
-        self._pump()
+        for origin in fed.values():
+            self._pump(origin)
 
     async def _forget_idle_origins(self, now: float) -> None:
         """Drop origins that hold nothing and no subscription points at any more, with their

@@ -248,11 +248,17 @@ class ClaimStore:
 
     async def subscriptions_to_close(self) -> list[str]:
         """Deleted or DISABLED subscriptions that may still have pending deliveries."""
-        # A scan of every subscription: on the reader's thread, off the event loop.
+        # Walks the distinct subscriptions of the pending index (one seek each) rather than
+        # every subscription: asked every minute, it costs what is pending, not the number of
+        # subscriptions (a scan of 100,000 of them was most of an idle daemon's minute).
         rows = await self.db.read(
-            "SELECT uuid FROM subscriptions s WHERE (deleted_ms IS NOT NULL OR status = 'DISABLED')"
-            " AND EXISTS (SELECT 1 FROM deliveries d WHERE d.subscription = s.uuid"
-            " AND d.status = 'pending')"
+            "WITH RECURSIVE pending(sub) AS ("
+            " SELECT (SELECT min(subscription) FROM deliveries WHERE status = 'pending')"
+            " UNION ALL SELECT (SELECT min(subscription) FROM deliveries"
+            " WHERE status = 'pending' AND subscription > pending.sub)"
+            " FROM pending WHERE pending.sub IS NOT NULL)"
+            " SELECT s.uuid FROM pending JOIN subscriptions s ON s.uuid = pending.sub"
+            " WHERE s.deleted_ms IS NOT NULL OR s.status = 'DISABLED'"
         )
         return [str(r[0]) for r in rows]
 

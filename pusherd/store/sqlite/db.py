@@ -154,6 +154,7 @@ class Database:
         self._soon: asyncio.Handle | None = None
         self._later: asyncio.TimerHandle | None = None
         self._in_flight: asyncio.Future[None] | None = None  # a COMMIT on the syncer thread
+        self._written = False  # committed since the last checkpoint
 
     async def open(self) -> None:
         """Open, configure and migrate the file; checkpoint the WAL off the event loop."""
@@ -174,9 +175,23 @@ class Database:
         while True:
             await asyncio.sleep(CHECKPOINT_EVERY_S)
             try:
-                await self.checkpoint()
+                await self.checkpoint_if_written()
             except sqlite3.Error as exc:
                 log.warning("checkpoint_failed", error=str(exc))
+
+    async def checkpoint_if_written(self) -> bool:
+        """Checkpoint if this process has committed since the last one; whether it did.
+
+        An idle daemon then costs no checkpoint at all (two thread hops and a WAL read every
+        half second were most of what it did). Another process's writes (the CLI) leave its
+        frames in the WAL until the daemon next writes: readers see them, and that process's
+        own auto-checkpoint bounds the WAL.
+        """
+        if not self._written:
+            return False
+        self._written = False  # a commit while the checkpoint runs asks for the next one
+        await self.checkpoint()
+        return True
 
     async def checkpoint(self) -> None:
         """Copy committed WAL pages into the database file (PASSIVE: never blocks writers)."""
@@ -272,6 +287,7 @@ class Database:
             return
         durable = any(d for _, _, d in batch)
         conn = self.writer
+        self._written = True
         results: list[tuple[bool, Any]] = []
         try:
             if not durable:
