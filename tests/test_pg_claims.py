@@ -187,6 +187,11 @@ async def test_a_lost_lease_is_taken_over_and_the_old_owner_cannot_record(
     assert await finish(db, "alive", row_id, new["lease_token"], delivered(40_000))
     state = await db.fetchrow("SELECT status, lease_owner, attempts FROM deliveries")
     assert tuple(state) == ("delivered", None, 1)
+    # The record leaves the queue at the lease's end (it takes no queue lock for a finished
+    # row); a claim then finds nothing and clears it.
+    until = 1_000 + 2 * LEASE_MS
+    assert await db.fetchval("SELECT next_due_ms FROM queues") == until
+    assert (await take(db, "alive", now_ms=until)).rows == []
     assert await db.fetchval("SELECT next_due_ms FROM queues") is None
 
 
@@ -252,8 +257,9 @@ async def test_many_outcomes_in_one_statement_each_fenced(db: asyncpg.Pool) -> N
     ]
     assert await db.fetchval("SELECT count(*) FROM attempts") == 3
     queues = dict(await db.fetch("SELECT subscription, next_due_ms FROM queues"))
-    # sub-a: the retry at 7,000 comes before the leased row's lease end (31,000).
-    assert queues == {"sub-a": 7_000, "sub-b": None}
+    # sub-a: the retry at 7,000 comes before the leased row's lease end (31,000); sub-b, with
+    # no retry, is left at its lease's end (no queue lock for finished rows).
+    assert queues == {"sub-a": 7_000, "sub-b": 31_000}
 
 
 async def test_without_a_time_the_database_clock_decides(db: asyncpg.Pool) -> None:

@@ -37,17 +37,9 @@ ROOM = 100  # default room per origin in these claims
 
 
 # What the PostgreSQL backend does not do (yet), each expected to fail there and only there.
-POSTGRES_XFAIL = {
+POSTGRES_XFAIL: dict[str, str] = {
     "test_backup_copies_the_store_and_never_overwrites": (
         "by design: on PostgreSQL backups are pg_dump's job (SPEC §1), backup() refuses"
-    ),
-    "test_fresh_deliveries_are_handed_over_leased_within_the_offered_room": (
-        "no ingest hand-over on PostgreSQL: fresh deliveries go through a claim (woken at once"
-        " by the ingest); a hand-over would need the origin locks of the claim"
-    ),
-    "test_a_fresh_delivery_never_overtakes_an_older_due_one": (
-        "no ingest hand-over on PostgreSQL: fresh deliveries go through a claim (woken at once"
-        " by the ingest); a hand-over would need the origin locks of the claim"
     ),
 }
 

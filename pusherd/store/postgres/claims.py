@@ -68,18 +68,30 @@ async def claim(
     return Claimed(rows[:-1], bool(summary["more"]), None if next_due is None else int(next_due))
 
 
+def signing_keys(
+    key: str, prev: str | None, prev_until_ms: int | None, now: int
+) -> tuple[str, ...]:
+    """The keys a delivery is signed with: the current one, then a rotated-out one still valid."""
+    return (key,) if prev is None or (prev_until_ms or 0) <= now else (key, prev)
+
+
 # Many outcomes in one statement (a group commit of the record path: one fsync for all). Only the
 # holder of the current lease (its owner AND its token: should a database crash ever hand a token
 # out twice, the owner still differs; a NULL token, for a row leased at ingest where no claim gave
 # one, is fenced by the owner alone, which is unique per process run) moves a row on; a stale
 # owner's row is not in `done` and nothing is written for it, not even an attempt the new owner's
-# outcome supersedes. All parts see one snapshot, in which the rows are still leased: a queue's next
+# outcome supersedes. Only a retry moves a queue (its next due time may come earlier): a delivered
+# or failed row was counted in its queue at its lease's end, so without it the queue's time is early
+# at worst, and a claim at that time finds nothing and computes it afresh. Leaving those queue rows
+# alone keeps the record from locking them through its commit, when every claim of the subscription
+# would skip them (issue 12: a drain's claims found its one queue locked by the record in flight
+# most of the time). All parts see one snapshot, in which the rows are still leased: a queue's next
 # due time is taken over the subscription's rows not finished here, and the retry times of those
 # that are. Queue rows are locked in subscription order first, so that two concurrent finishes
-# cannot deadlock. The lock returns the row as last committed, which may be newer than the
-# snapshot (another xmin): then a writer that committed meanwhile, such as an ingest whose rows
-# are unseen here, set its due time, and that is kept (issue 12: else the new rows would wait
-# for nothing; at worst a claim finds nothing due and computes it afresh).
+# cannot deadlock. The lock returns the row as last committed, which may be newer than the snapshot
+# (another xmin): then a writer that committed meanwhile, such as an ingest whose rows are unseen
+# here, set its due time, and that is kept (issue 12: else the new rows would wait for nothing; at
+# worst a claim finds nothing due and computes it afresh).
 _FINISH = """
 WITH args AS (
     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::integer[], $5::bigint[],
@@ -99,12 +111,14 @@ WITH args AS (
     INSERT INTO attempts (delivery_id, started_ms, duration_ms, status_code, error, response_body)
     SELECT a.id, a.at_ms, a.duration_ms, a.code, a.error, a.body
     FROM args a JOIN done ON done.id = a.id
+), retried AS (
+    SELECT DISTINCT subscription FROM done WHERE done.status = 'pending'
 ), seen AS (
     SELECT q.subscription, q.xmin::text AS version FROM queues q
-    WHERE q.subscription IN (SELECT subscription FROM done)
+    WHERE q.subscription IN (SELECT subscription FROM retried)
 ), locked AS (
     SELECT q.subscription, q.next_due_ms, q.xmin::text AS version FROM queues q
-    WHERE q.subscription IN (SELECT subscription FROM done)
+    WHERE q.subscription IN (SELECT subscription FROM retried)
     ORDER BY q.subscription FOR UPDATE
 ), queued AS (
     UPDATE queues q SET next_due_ms = least(

@@ -56,6 +56,10 @@ def _result(out: EventOut) -> IngestResult:
 # Rows an origin's attempts may have claimed and ready behind them, per slot (the dispatcher's
 # QUEUE_FACTOR); and the most any claim counts (a PostgreSQL integer).
 READY_FACTOR = 3
+# A row keeps its lease until its record commits, after its slot is free: as many rows again may
+# be being recorded as the dispatcher holds in flight and ready (issue 12: counted against the
+# rows ready, they left the attempts without rows behind them while a group commit ran).
+RECORDING_FACTOR = 2
 UNLIMITED_LEASES = 2**31 - 1
 
 
@@ -103,10 +107,11 @@ class Queue:
             batch.append(
                 EventIn(e.organization, e.event_name, e.payload, e.message_id, e.timestamp, wanted)
             )
-        results = [_result(o) for o in await self.writer.write(batch)]
-        if any(r.deliveries and not r.duplicate for r in results):
+        outs = await self.writer.write(batch)
+        # Deliveries handed over leased need no claim: only the others wake the dispatcher.
+        if any(len(o.delivery_ids) > o.handed for o in outs if not o.duplicate):
             self.changes.announce(QUEUED)
-        return results
+        return [_result(o) for o in outs]
 
     async def send_to(self, event: NewEvent, subscriptions: Sequence[str]) -> IngestResult:
         """Store one event addressed to the given subscriptions only (test sends)."""
@@ -126,8 +131,9 @@ class Queue:
         return result
 
     async def take_fresh(self, taker: Taker | None) -> None:
-        """Noted, but on PostgreSQL every delivery goes through a claim (no hand-over yet)."""
+        """From now on, ingests of this process hand fresh deliveries to taker (None: stop)."""
         self.taker = taker
+        self.writer.taker = taker
 
     # -- claims --------------------------------------------------------------------------------
 
@@ -164,28 +170,17 @@ class Queue:
         otherwise find it past, and claim in a loop)."""
         if self.clock.stale():
             await self.clock.measure(self.pool)
-        got = await claims.claim(
-            self.pool,
-            owner,
-            room,
-            default_room,
-            max(budget, 0),
-            self.per_destination,
-            None,
-            lease_ms,
-            default_total,
-            # Alone on an origin, rows ready behind the attempts in flight, as the dispatcher
-            # asks for (its own per_destination keeps the attempts within the limit).
-            min(self.per_destination * (1 + READY_FACTOR), UNLIMITED_LEASES),
-        )
+        # Not while an ingest of this process hands rows over: its queue rows and origin
+        # locks would make the claim skip them (and it comes back only when woken again).
+        async with self.writer.handing:
+            got = await self._claim(owner, room, default_room, budget, lease_ms, default_total)
         now = self.clock.now_ms()  # prev_key_until_ms is on the database's clock
         out = []
         for r in got.rows:
             self.leases[int(r["id"])] = int(r["lease_token"])
-            prev, until = r["prev_signing_key"], r["prev_key_until_ms"]
-            keys = (r["signing_key"],) if prev is None or (until or 0) <= now else (
-                r["signing_key"], prev,
-            )  # fmt: skip
+            keys = claims.signing_keys(
+                r["signing_key"], r["prev_signing_key"], r["prev_key_until_ms"], now
+            )
             out.append(
                 ClaimedDelivery(
                     id=int(r["id"]),
@@ -204,6 +199,31 @@ class Queue:
             )
         next_due = None if got.next_due_ms is None else self.clock.to_local(got.next_due_ms)
         return Claim(out, got.more, next_due)
+
+    async def _claim(
+        self,
+        owner: str,
+        room: Mapping[str, int],
+        default_room: int,
+        budget: int,
+        lease_ms: int,
+        default_total: int | None,
+    ) -> claims.Claimed:
+        return await claims.claim(
+            self.pool,
+            owner,
+            room,
+            default_room,
+            max(budget, 0),
+            self.per_destination,
+            None,
+            lease_ms,
+            default_total,
+            # Alone on an origin, rows ready behind the attempts in flight, as the dispatcher
+            # asks for (its own per_destination keeps the attempts within the limit), and those
+            # being recorded.
+            min(self.per_destination * (1 + READY_FACTOR) * RECORDING_FACTOR, UNLIMITED_LEASES),
+        )
 
     # -- hand-backs and closing ----------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from pusherd.store.postgres.dbclock import DbClock
 from pusherd.store.postgres.directory import Conn, sync_queue
 from pusherd.store.postgres.feed import CHANGE_CHANNEL, payload
 from pusherd.store.postgres.pool import Pool
+from pusherd.store.postgres.vacuum import Vacuum
 from pusherd.store.types import AttemptRecord, ClaimedDelivery, Finish, StatusChange
 
 log = structlog.get_logger("pusherd.store")
@@ -54,6 +55,7 @@ class Records:
     leases: dict[int, int]
     _records: list[PendingRecord]
     _recorder: asyncio.Task[None] | None
+    vacuum: Vacuum
 
     async def record_attempt(
         self,
@@ -103,6 +105,7 @@ class Records:
                     if not r.future.done():
                         r.future.set_exception(exc)
                 continue
+            self.vacuum.finished(len(batch))
             for r, change in zip(batch, changes, strict=True):
                 if self.leases.get(r.delivery.id) == r.token:
                     self.leases.pop(r.delivery.id, None)

@@ -29,6 +29,7 @@ from pusherd.store.postgres.migrate import migrate
 from pusherd.store.postgres.pool import Pool, translated
 from pusherd.store.postgres.queue import Queue, Target
 from pusherd.store.postgres.records import PendingRecord, Records
+from pusherd.store.postgres.vacuum import Vacuum
 from pusherd.store.types import Taker
 
 # With no per_destination given (tools, tests), the claim caps nothing beyond the caller's room.
@@ -46,11 +47,12 @@ class PostgresStore(Directory, Queue, Records, Log):
         self.sender = secrets.token_hex(8)
         self.ids = IdSource()
         self.writer = GroupWriter(pool, self.ids, self.sender)
-        self.per_destination = per_destination
+        self.per_destination = self.writer.per_destination = per_destination
         self.targets_cache: dict[str, list[Target]] = {}
         self.leases: dict[int, int] = {}
         self._records: list[PendingRecord] = []
         self._recorder: asyncio.Task[None] | None = None
+        self.vacuum = Vacuum(pool)
         self.taker: Taker | None = None
         self.changes = ChangeFeed()
         self.changes.subscribe(self._changed)
@@ -102,6 +104,7 @@ class PostgresStore(Directory, Queue, Records, Log):
         """Finish the records in progress, stop listening and close the pool."""
         if self._recorder is not None:
             await asyncio.gather(self._recorder, return_exceptions=True)
+        await self.vacuum.close()
         if self.listener is not None:
             await self.listener.close()
             self.listener = None
