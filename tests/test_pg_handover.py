@@ -105,3 +105,49 @@ async def test_the_recording_process_vacuums_behind_a_drain(store: PostgresStore
         "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = 'deliveries'"
     )
     assert vacuums >= 1
+
+
+async def test_a_claim_committed_while_an_ingest_waits_is_counted_by_its_hand_over(
+    store: PostgresStore, pg_url: str
+) -> None:
+    # Another process's claim leases the subscription's two due rows (per_destination is 2)
+    # while holding the origin's lock and the queue row. An ingest arriving meanwhile waits for
+    # the queue row; once the claim commits, the hand-over must count those two leases, not
+    # the ones its statement's snapshot (taken before the commit) saw: else a third attempt.
+    sub = await subscribe(store)
+    await ingest(store, 2)
+    taker = Taking({ORIGIN: 10})
+    await store.take_fresh(taker)
+    other = await asyncpg.connect(pg_url)
+    try:
+        await other.execute("BEGIN")
+        await other.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('pusherd.origin:' || $1, 0))", ORIGIN
+        )
+        await other.execute("SELECT 1 FROM queues WHERE subscription = $1 FOR UPDATE", sub.uuid)
+        until = int(time.time() * 1000) + 60_000
+        await other.execute(
+            "UPDATE deliveries SET lease_owner = 'other', lease_token = 1, lease_until_ms = $2"
+            " WHERE subscription = $1",
+            sub.uuid,
+            until,
+        )
+        await other.execute(
+            "UPDATE queues SET next_due_ms = $2 WHERE subscription = $1", sub.uuid, until
+        )
+        ingesting = asyncio.ensure_future(ingest(store, 1))
+        deadline = time.monotonic() + 10
+        while not await other.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        ):
+            assert time.monotonic() < deadline, "the ingest never waited for the queue row"
+            await asyncio.sleep(0.01)
+        await other.execute("COMMIT")
+        await ingesting
+    finally:
+        await other.close()
+    assert taker.handed == []  # 2 live leases of another owner: no room on the origin
+    live = await store.pool.fetchval(
+        "SELECT count(*) FROM deliveries WHERE lease_owner IS NOT NULL AND status = 'pending'"
+    )
+    assert live == 2

@@ -117,18 +117,11 @@ WITH new_events AS (
     ORDER BY q.subscription FOR UPDATE
 ), open_origins AS (
     SELECT r.o AS origin,
-        CASE WHEN l.others = 0 THEN r.n ELSE least(r.n, $17::integer - l.live) END AS room
-    FROM unnest($14::text[], $15::integer[]) AS r(o, n)
-    CROSS JOIN LATERAL (
-        SELECT count(*) AS live, count(*) FILTER (WHERE d.lease_owner <> $12) AS others
-        FROM deliveries d
-        WHERE d.origin = r.o AND d.status = 'pending' AND d.lease_owner IS NOT NULL
-            AND d.lease_until_ms > """
+        pusherd_hand_over_room(r.o, $12, """
     + DB_NOW_MS
-    + """
-    ) l
+    + """, r.n, $17::integer) AS room
+    FROM unnest($14::text[], $15::integer[]) AS r(o, n)
     WHERE $12::text IS NOT NULL AND r.n > 0 AND r.o IN (SELECT g FROM fan)
-        AND pg_try_advisory_xact_lock(hashtextextended('pusherd.origin:' || r.o, 0))
 ), handed AS (
     SELECT c.i FROM (
         SELECT fan.i, fan.g, row_number() OVER (PARTITION BY fan.g ORDER BY fan.i) AS rank
