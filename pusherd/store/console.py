@@ -12,7 +12,7 @@ import json
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from pusherd.store.types import AttemptRecord, Subscription, Token
 
@@ -235,3 +235,14 @@ async def first_id_at(
         else:
             lo = found[0] + 1
     return lo
+
+
+# The columns of console_sessions after its hash, in the order session_record reads them.
+SESSION_COLUMNS = (
+    "organization, home, label, token_id, csrf, created_ms, last_seen_ms, expires_ms, flash"
+)
+
+
+def session_record(r: Any) -> SessionRecord:
+    """A session row (SESSION_COLUMNS, in order) as a SessionRecord, on either backend."""
+    return SessionRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], flash_of(r[8]))

@@ -51,9 +51,9 @@ Executor = Pool | asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 WAKE_CHANNEL = "pusherd_wake"
 
-# Deliveries are due at the database's time (dbclock.py): another machine's clock may differ.
-_INSERT = (
-    """
+# The events of a group, idempotent on (organization, messageId): $1 .. $7 (uuids,
+# organizations, names, messageIds, payloads, timestamps, created_ms); both statements start so.
+_NEW_EVENTS = """
 WITH new_events AS (
     INSERT INTO events (uuid, organization, event_name, message_id, payload, timestamp, created_ms)
     SELECT x.u, x.o, x.n, x.m, x.p, x.t, $7
@@ -62,7 +62,12 @@ WITH new_events AS (
     ORDER BY x.i
     ON CONFLICT (organization, message_id) DO NOTHING
     RETURNING seq, organization, message_id
-), new_deliveries AS (
+)"""
+
+# Deliveries are due at the database's time (dbclock.py): another machine's clock may differ.
+_INSERT = (
+    _NEW_EVENTS
+    + """, new_deliveries AS (
     INSERT INTO deliveries (event_seq, subscription, origin, status, due_ms, created_ms)
     SELECT e.seq, f.s, f.g, 'pending', """
     + DB_NOW_MS
@@ -97,16 +102,8 @@ ORDER BY e.seq, d.id
 # docstring); $12 .. $17: owner, lease_ms, room (origins and counts), subscriptions to skip,
 # per_destination. Queue times on the database's clock, as above.
 _INSERT_HANDING = (
-    """
-WITH new_events AS (
-    INSERT INTO events (uuid, organization, event_name, message_id, payload, timestamp, created_ms)
-    SELECT x.u, x.o, x.n, x.m, x.p, x.t, $7
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
-        WITH ORDINALITY AS x(u, o, n, m, p, t, i)
-    ORDER BY x.i
-    ON CONFLICT (organization, message_id) DO NOTHING
-    RETURNING seq, organization, message_id
-), fan AS (
+    _NEW_EVENTS
+    + """, fan AS (
     SELECT e.seq, f.s, f.g, f.i
     FROM unnest($8::integer[], $9::text[], $10::text[]) WITH ORDINALITY AS f(k, s, g, i)
     JOIN new_events e

@@ -7,22 +7,17 @@ a message by one process is what every other process reads next.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from pusherd.store.console import (
+    SESSION_COLUMNS,
     SESSIONS_PER_TOKEN,
     SessionRecord,
     flash_json,
     flash_of,
     session_hash,
+    session_record,
 )
 from pusherd.store.postgres.pool import Pool
-
-_COLUMNS = "organization, home, label, token_id, csrf, created_ms, last_seen_ms, expires_ms, flash"
-
-
-def _record(r: Any) -> SessionRecord:
-    return SessionRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], flash_of(r[8]))
 
 
 class PostgresSessions:
@@ -35,7 +30,7 @@ class PostgresSessions:
         r = record
         async with self.pool.transaction() as conn:
             await conn.execute(
-                f"INSERT INTO console_sessions (hash, {_COLUMNS})"
+                f"INSERT INTO console_sessions (hash, {SESSION_COLUMNS})"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 session_hash(sid),
                 r.organization,
@@ -60,13 +55,13 @@ class PostgresSessions:
     async def session(self, sid: str, now_ms: int) -> SessionRecord | None:
         """The session of this cookie id, unless unknown or expired."""
         rows = await self.pool.fetch(
-            f"SELECT {_COLUMNS} FROM console_sessions WHERE hash = $1 AND expires_ms > $2",
+            f"SELECT {SESSION_COLUMNS} FROM console_sessions WHERE hash = $1 AND expires_ms > $2",
             session_hash(sid),
             now_ms,
         )
         if not rows:
             return None
-        return _record(rows[0])
+        return session_record(rows[0])
 
     async def touch_session(self, sid: str, now_ms: int, expires_ms: int) -> None:
         """Seen now: the idle expiry starts again (never moved backwards)."""

@@ -9,22 +9,17 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from typing import Any
 
 from pusherd.store.console import (
+    SESSION_COLUMNS,
     SESSIONS_PER_TOKEN,
     SessionRecord,
     flash_json,
     flash_of,
     session_hash,
+    session_record,
 )
 from pusherd.store.sqlite.db import Database
-
-_COLUMNS = "organization, home, label, token_id, csrf, created_ms, last_seen_ms, expires_ms, flash"
-
-
-def _record(r: Any) -> SessionRecord:
-    return SessionRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], flash_of(r[8]))
 
 
 class SqliteSessions:
@@ -40,7 +35,7 @@ class SqliteSessions:
 
         def fn(conn: sqlite3.Connection) -> None:
             conn.execute(
-                f"INSERT INTO console_sessions (hash, {_COLUMNS})"
+                f"INSERT INTO console_sessions (hash, {SESSION_COLUMNS})"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (*values, *times),
             )
@@ -57,12 +52,12 @@ class SqliteSessions:
     async def session(self, sid: str, now_ms: int) -> SessionRecord | None:
         """The session of this cookie id, unless unknown or expired."""
         rows = self.db.read_now(
-            f"SELECT {_COLUMNS} FROM console_sessions WHERE hash = ? AND expires_ms > ?",
+            f"SELECT {SESSION_COLUMNS} FROM console_sessions WHERE hash = ? AND expires_ms > ?",
             (session_hash(sid), now_ms),
         )
         if not rows:
             return None
-        return _record(rows[0])
+        return session_record(rows[0])
 
     async def touch_session(self, sid: str, now_ms: int, expires_ms: int) -> None:
         """Seen now: the idle expiry starts again (never moved backwards)."""
