@@ -128,6 +128,8 @@ class Records:
                 " ORDER BY uuid FOR UPDATE",
                 sorted({r.delivery.subscription for r in batch}),
             )
+            state: dict[str, list[Any]] = {r[0]: list(r[1:]) for r in rows}
+            await _lock_queues(conn, batch, state, now)
             done: set[int] = set()
             by_owner: dict[str, list[tuple[int, int | None, claims.Outcome]]] = {}
             for r in batch:
@@ -137,7 +139,6 @@ class Records:
             applied = [i for i, r in enumerate(batch) if r.delivery.id in done]
             if not applied:
                 return out
-            state: dict[str, list[Any]] = {r[0]: list(r[1:]) for r in rows}
             before = {uuid: (s[3], s[4]) for uuid, s in state.items()}
             for i in applied:
                 r = batch[i]
@@ -162,6 +163,35 @@ class Records:
         await sync_queue(conn, uuid)
         change = Change(_kind(status), org, uuid)
         await conn.execute("SELECT pg_notify($1, $2)", CHANGE_CHANNEL, payload(self.sender, change))
+
+
+async def _lock_queues(
+    conn: Conn, batch: list[PendingRecord], state: dict[str, list[Any]], now: int
+) -> None:
+    """Lock, in subscription order as every ingest does, the queue rows this record may move:
+    those of a retry (finish_many) and those whose subscription may change status (sync_queue).
+
+    Locked one by one where each is moved, a retry of one subscription and a 410 of another
+    took their queue rows out of order, and an ingest fanning out to both deadlocked with the
+    record (issue 12). A delivered or failed row of a subscription that keeps its status moves
+    nothing, and its queue row stays free for the claims.
+    """
+    trial = {uuid: list(s) for uuid, s in state.items()}  # _status_change updates in place
+    moving = {
+        r.delivery.subscription
+        for r in batch
+        if r.outcome.status == "pending"
+        or (
+            r.delivery.subscription in trial
+            and _status_change(r, trial[r.delivery.subscription], now) is not None
+        )
+    }
+    if moving:
+        await conn.execute(
+            "SELECT 1 FROM queues WHERE subscription = ANY($1::text[])"
+            " ORDER BY subscription FOR UPDATE",
+            sorted(moving),
+        )
 
 
 def _status_change(r: PendingRecord, s: list[Any], now: int) -> StatusChange | None:

@@ -1,4 +1,4 @@
-"""Review (issue 12): a record that changes a subscription's status locks its queue row out of
+"""Issue 12 (found in review): a record that changes a subscription's status locks its queue row out of
 order, and deadlocks with an ingest fanning out to two subscriptions.
 
 Since the record path locks queue rows only for retries (finish_many's `retried`), a batch with
