@@ -1,4 +1,4 @@
-"""Review (issue 12, dbclock.py): a hand-back puts a row back at least(created_ms, now), but
+"""Issue 12 (review, dbclock.py): a hand-back puts a row back at least(created_ms, now), but
 created_ms is written on the ingesting process's own clock while `now` and every other due time
 are on the database's clock. A process whose clock runs ahead (what dbclock.py is for) gets its
 handed-back rows queued behind rows ingested after them: per-subscription order is lost on a

@@ -64,14 +64,17 @@ WITH new_events AS (
     RETURNING seq, organization, message_id
 )"""
 
-# Deliveries are due at the database's time (dbclock.py): another machine's clock may differ.
+# Deliveries are due, and created (a hand-back puts a row back at least(created_ms, now)), at
+# the database's time (dbclock.py): another machine's clock may differ.
 _INSERT = (
     _NEW_EVENTS
     + """, new_deliveries AS (
     INSERT INTO deliveries (event_seq, subscription, origin, status, due_ms, created_ms)
     SELECT e.seq, f.s, f.g, 'pending', """
     + DB_NOW_MS
-    + """, $7
+    + """, """
+    + DB_NOW_MS
+    + """
     FROM unnest($8::integer[], $9::text[], $10::text[]) WITH ORDINALITY AS f(k, s, g, i)
     JOIN new_events e
         ON e.organization = ($2::text[])[f.k] AND e.message_id = ($4::text[])[f.k]
@@ -136,7 +139,9 @@ _INSERT_HANDING = (
         """
     + DB_NOW_MS
     + """ + CASE WHEN h.i IS NULL THEN 0 ELSE $13 END,
-        $7, CASE WHEN h.i IS NOT NULL THEN $12 END,
+        """
+    + DB_NOW_MS
+    + """, CASE WHEN h.i IS NOT NULL THEN $12 END,
         CASE WHEN h.i IS NOT NULL THEN """
     + DB_NOW_MS
     + """ + $13 END
