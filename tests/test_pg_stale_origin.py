@@ -1,4 +1,4 @@
-"""Review (issue 12, SPEC §8 per_destination across processes): a delivery written by a process
+"""Issue 12 (review, SPEC §8 per_destination across processes): a delivery written by a process
 whose subscription cache still has the old destination (up to 1 s after a change made through
 another process) keeps the old origin in deliveries.origin for good: sync_queue already ran, and
 nothing moves it later. It is sent to the new destination (the claim and the hand-over read

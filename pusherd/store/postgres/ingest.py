@@ -52,7 +52,13 @@ Executor = Pool | asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 WAKE_CHANNEL = "pusherd_wake"
 
 # The events of a group, idempotent on (organization, messageId): $1 .. $7 (uuids,
-# organizations, names, messageIds, payloads, timestamps, created_ms); both statements start so.
+# organizations, names, messageIds, payloads, timestamps, created_ms); their fan-out ($8 .. $10:
+# event index, subscription, origin as this process's cache knows it); and the fan-out's queue
+# rows, locked in subscription order. A delivery takes its origin from its locked queue row, not
+# from the cache: a destination changed through another process in the last second is already
+# there (sync_queue moves the queue row under the same lock), and a row written with the old
+# origin would count its lease against the wrong destination's per_destination for good.
+# Both statements start so.
 _NEW_EVENTS = """
 WITH new_events AS (
     INSERT INTO events (uuid, organization, event_name, message_id, payload, timestamp, created_ms)
@@ -62,6 +68,15 @@ WITH new_events AS (
     ORDER BY x.i
     ON CONFLICT (organization, message_id) DO NOTHING
     RETURNING seq, organization, message_id
+), fan AS (
+    SELECT e.seq, f.s, f.g, f.i
+    FROM unnest($8::integer[], $9::text[], $10::text[]) WITH ORDINALITY AS f(k, s, g, i)
+    JOIN new_events e
+        ON e.organization = ($2::text[])[f.k] AND e.message_id = ($4::text[])[f.k]
+), locked AS (
+    SELECT q.subscription, q.next_due_ms, q.origin FROM queues q
+    WHERE q.subscription IN (SELECT s FROM fan)
+    ORDER BY q.subscription FOR UPDATE
 )"""
 
 # Deliveries are due, and created (a hand-back puts a row back at least(created_ms, now)), at
@@ -70,20 +85,14 @@ _INSERT = (
     _NEW_EVENTS
     + """, new_deliveries AS (
     INSERT INTO deliveries (event_seq, subscription, origin, status, due_ms, created_ms)
-    SELECT e.seq, f.s, f.g, 'pending', """
+    SELECT fan.seq, fan.s, coalesce(l.origin, fan.g), 'pending', """
     + DB_NOW_MS
     + """, """
     + DB_NOW_MS
     + """
-    FROM unnest($8::integer[], $9::text[], $10::text[]) WITH ORDINALITY AS f(k, s, g, i)
-    JOIN new_events e
-        ON e.organization = ($2::text[])[f.k] AND e.message_id = ($4::text[])[f.k]
-    ORDER BY f.i
+    FROM fan LEFT JOIN locked l ON l.subscription = fan.s
+    ORDER BY fan.i
     RETURNING id, event_seq, subscription
-), locked AS (
-    SELECT subscription FROM queues
-    WHERE subscription IN (SELECT subscription FROM new_deliveries)
-    ORDER BY subscription FOR UPDATE
 ), due AS (
     UPDATE queues q SET next_due_ms = least(q.next_due_ms, """
     + DB_NOW_MS
@@ -106,25 +115,17 @@ ORDER BY e.seq, d.id
 # per_destination. Queue times on the database's clock, as above.
 _INSERT_HANDING = (
     _NEW_EVENTS
-    + """, fan AS (
-    SELECT e.seq, f.s, f.g, f.i
-    FROM unnest($8::integer[], $9::text[], $10::text[]) WITH ORDINALITY AS f(k, s, g, i)
-    JOIN new_events e
-        ON e.organization = ($2::text[])[f.k] AND e.message_id = ($4::text[])[f.k]
-), locked AS (
-    SELECT q.subscription, q.next_due_ms FROM queues q
-    WHERE q.subscription IN (SELECT s FROM fan)
-    ORDER BY q.subscription FOR UPDATE
-), open_origins AS (
+    + """, open_origins AS (
     SELECT r.o AS origin,
         pusherd_hand_over_room(r.o, $12, """
     + DB_NOW_MS
     + """, r.n, $17::integer) AS room
     FROM unnest($14::text[], $15::integer[]) AS r(o, n)
-    WHERE $12::text IS NOT NULL AND r.n > 0 AND r.o IN (SELECT g FROM fan)
+    WHERE $12::text IS NOT NULL AND r.n > 0 AND r.o IN (SELECT origin FROM locked)
 ), handed AS (
     SELECT c.i FROM (
-        SELECT fan.i, fan.g, row_number() OVER (PARTITION BY fan.g ORDER BY fan.i) AS rank
+        SELECT fan.i, l.origin AS g, row_number() OVER (PARTITION BY l.origin ORDER BY fan.i)
+            AS rank
         FROM fan JOIN locked l ON l.subscription = fan.s
         WHERE (l.next_due_ms IS NULL OR l.next_due_ms > """
     + DB_NOW_MS
@@ -135,7 +136,7 @@ _INSERT_HANDING = (
 ), new_deliveries AS (
     INSERT INTO deliveries (event_seq, subscription, origin, status, due_ms, created_ms,
         lease_owner, lease_until_ms)
-    SELECT fan.seq, fan.s, fan.g, 'pending',
+    SELECT fan.seq, fan.s, coalesce(l.origin, fan.g), 'pending',
         """
     + DB_NOW_MS
     + """ + CASE WHEN h.i IS NULL THEN 0 ELSE $13 END,
@@ -145,7 +146,7 @@ _INSERT_HANDING = (
         CASE WHEN h.i IS NOT NULL THEN """
     + DB_NOW_MS
     + """ + $13 END
-    FROM fan LEFT JOIN handed h ON h.i = fan.i
+    FROM fan LEFT JOIN handed h ON h.i = fan.i LEFT JOIN locked l ON l.subscription = fan.s
     ORDER BY fan.i
     RETURNING id, event_seq, subscription, due_ms, lease_owner IS NOT NULL AS leased
 ), due AS (
