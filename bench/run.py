@@ -950,7 +950,9 @@ def main() -> int:
             for name, phase in phases.items():
                 if a.only and name not in a.only:
                     continue
+                t0 = time.monotonic()
                 phase(s, procs, workdir, res)
+                say(f"phase {name}: {time.monotonic() - t0:.1f} s")
     finally:
         procs.stop_all()
     elapsed = time.monotonic() - started
