@@ -1,9 +1,10 @@
 """The delivery queue's claim side (SQLite): what is due, leases, hand-backs, closing.
 
-A claim reads the due end of the queues index (one row per deliverable subscription with its
-next due time) on the loop's quick reader, so an idle poll is one indexed read and writes
-nothing; only when something is due does it lease rows, per subscription in due order, in one
-write that also moves those subscriptions' next due times.
+A claim reads the queues (one row per deliverable subscription with its next due time) through
+their (origin, next_due_ms) index on the loop's quick reader: one seek per origin with pending
+work, then up to the room of each origin with room; an idle poll writes nothing. Only when
+something is due does it lease rows, per subscription in due order, in one write that also moves
+those subscriptions' next due times.
 """
 
 from __future__ import annotations
@@ -182,8 +183,8 @@ class ClaimStore:
     ) -> Claim:
         """Lease due deliveries within each origin's room and the budget, oldest due first.
 
-        The due end of the queues index names the subscriptions that have something due (a
-        blocked origin's are skipped); each gets a share of its origin's room, and its rows are
+        Each origin with room names up to that many of its due subscriptions, earliest due first
+        (a blocked origin's are not read); each gets a share of its origin's room, and its rows are
         taken from its range of the deliveries index in due order. Nothing is written when
         nothing is due.
         """
