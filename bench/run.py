@@ -290,6 +290,7 @@ class Daemon:
         storage_url: str = "",
     ) -> None:
         self.procs = procs
+        self.storage_url = storage_url
         self.dir = workdir / name
         self.dir.mkdir()
         self.api_port, self.ingest_port = free_port(), free_port()
@@ -339,7 +340,12 @@ class Daemon:
         return f"http://127.0.0.1:{self.ingest_port}/events"
 
     def token(self, org: str) -> str:
-        """A token for org via `pusherd token create`."""
+        """A token for org: through the store interface from this process on SQLite (as the
+        CLI does, without a Python start-up per token), else via `pusherd token create`."""
+        if not self.storage_url:
+            from growth import make_tokens
+
+            return make_tokens(self.dir / "pusherd.sqlite3", [org])[0][1]
         out = subprocess.run(
             [
                 PY,
@@ -927,10 +933,15 @@ def main() -> int:
         action="append",
         help=argparse.SUPPRESS,
     )
+    # With --quick --only growth: the full run's growth windows (20,000 events) without the
+    # rest of the full run (to measure subs_cpu_ratio's shape quickly).
+    p.add_argument("--growth-events", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
     s = QUICK if a.quick else FULL
     if a.runs is not None:
         s = Settings(**{**s.__dict__, "runs": max(3, a.runs)})
+    if a.growth_events is not None:
+        s = Settings(**{**s.__dict__, "growth_events": a.growth_events})
     procs = Procs()
     res = Results()
     started = time.monotonic()
@@ -950,7 +961,9 @@ def main() -> int:
             for name, phase in phases.items():
                 if a.only and name not in a.only:
                     continue
+                t0 = time.monotonic()
                 phase(s, procs, workdir, res)
+                say(f"phase {name}: {time.monotonic() - t0:.1f} s")
     finally:
         procs.stop_all()
     elapsed = time.monotonic() - started

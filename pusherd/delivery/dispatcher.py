@@ -3,10 +3,10 @@
 Each cycle asks the store once for what is due, telling it how much room every known
 destination (origin) has: an origin keeps at most `per_destination` attempts in flight and a
 short queue of claimed rows ready behind them, and one without room is skipped by the claim. The
-store reads the due end of its queues index (one row per subscription with its next due time),
-so a cycle costs what is due, not the number of subscriptions. A slow origin never holds rows
-another origin could send, and the process never reads more of the queue than it can send. The
-whole process keeps at most `max_in_flight` attempts under way.
+store reads, per origin with room, the due end of its queues (one row per subscription with its
+next due time), so a cycle costs what is due, not the number of subscriptions. A slow origin
+never holds rows another origin could send, and the process never reads more of the queue than
+it can send. The whole process keeps at most `max_in_flight` attempts under way.
 
 A per-origin circuit breaker pauses an origin after consecutive failures: its subscriptions are not
 claimed from at all until the pause ends (so a dead receiver with a large backlog costs nothing),

@@ -1,9 +1,10 @@
 """The delivery queue's claim side (SQLite): what is due, leases, hand-backs, closing.
 
-A claim reads the due end of the queues index (one row per deliverable subscription with its
-next due time) on the loop's quick reader, so an idle poll is one indexed read and writes
-nothing; only when something is due does it lease rows, per subscription in due order, in one
-write that also moves those subscriptions' next due times.
+A claim reads the queues (one row per deliverable subscription with its next due time) through
+their (origin, next_due_ms) index on the loop's quick reader: one seek per origin with pending
+work, then up to the room of each origin with room; an idle poll writes nothing. Only when
+something is due does it lease rows, per subscription in due order, in one write that also moves
+those subscriptions' next due times.
 """
 
 from __future__ import annotations
@@ -17,7 +18,26 @@ from pusherd.store.sqlite import queues
 from pusherd.store.sqlite.db import Database
 from pusherd.store.types import Claim, ClaimedDelivery
 
-BLOCKED_IN_SQL = 500  # more origins without room than this are skipped in Python instead
+_ORIGINS_PER_READ = 200  # origins read in one compound statement (SQLite allows 500 terms)
+
+# Every origin with pending work and its earliest next due time (a skip through the
+# (origin, next_due_ms) index, one seek per origin), those with something due now only, then
+# one row (NULL, the earliest due time after now).
+_ORIGINS_DUE = (
+    "WITH RECURSIVE o(origin) AS ("
+    " SELECT (SELECT min(origin) FROM queues WHERE next_due_ms IS NOT NULL)"
+    " UNION ALL SELECT (SELECT min(origin) FROM queues WHERE next_due_ms IS NOT NULL"
+    " AND origin > o.origin) FROM o WHERE o.origin IS NOT NULL)"
+    " SELECT * FROM (SELECT origin, (SELECT min(next_due_ms) FROM queues q"
+    " WHERE q.origin = o.origin AND q.next_due_ms IS NOT NULL) AS first_due"
+    " FROM o WHERE origin IS NOT NULL) WHERE first_due <= ?"
+    " UNION ALL SELECT NULL, min(next_due_ms) FROM queues WHERE next_due_ms > ?"
+)
+# Up to n due queues of one origin, in due order: its range of the same index.
+_DUE_OF_ORIGIN = (
+    "SELECT * FROM (SELECT subscription, origin FROM queues WHERE origin = ?"
+    " AND next_due_ms <= ? ORDER BY next_due_ms LIMIT ?)"
+)
 
 # A row handed back without an attempt is due at once, and keeps its place in ingest order:
 # a claim moved its due time to the lease's end, a row never attempted goes back to its creation
@@ -163,8 +183,8 @@ class ClaimStore:
     ) -> Claim:
         """Lease due deliveries within each origin's room and the budget, oldest due first.
 
-        The due end of the queues index names the subscriptions that have something due (a
-        blocked origin's are skipped); each gets a share of its origin's room, and its rows are
+        Each origin with room names up to that many of its due subscriptions, earliest due first
+        (a blocked origin's are not read); each gets a share of its origin's room, and its rows are
         taken from its range of the deliveries index in due order. Nothing is written when
         nothing is due.
         """
@@ -188,47 +208,54 @@ class ClaimStore:
         default_total: int | None,
     ) -> tuple[list[tuple[str, int]], bool, int | None]:
         """(subscription, how many) to claim, whether due queues were left unread, and the
-        earliest due time after now: one read of the two ends of the due index (an idle poll
-        is this one query)."""
-        blocked = [o for o, n in room.items() if n <= 0]
-        where = ""
-        if 0 < len(blocked) <= BLOCKED_IN_SQL:
-            where = f" AND origin NOT IN ({','.join('?' * len(blocked))})"
-        else:
-            blocked = []
-        limit = budget + 16 if budget > 0 else 0
-        found = self.db.read_now(
-            "SELECT * FROM (SELECT subscription, origin FROM queues"
-            f" WHERE next_due_ms <= ?{where} ORDER BY next_due_ms LIMIT ?)"
-            " UNION ALL SELECT NULL, min(next_due_ms) FROM queues WHERE next_due_ms > ?",
-            (now, *blocked, limit, now),
-        )
-        rows = [r for r in found if r[0] is not None]
+        earliest due time after now.
+
+        The origins with pending work are found by skipping through the (origin, next_due_ms)
+        index, one seek each; then each origin with something due and room gives up to its
+        room of due queues from its own range. What is read follows what is taken, however
+        many queues of origins without room are due (an idle poll is the walk and one seek).
+        """
+        unnamed = budget if default_total is None else default_total
+        found = self.db.read_now(_ORIGINS_DUE, (now, now))
         after = [r[1] for r in found if r[0] is None and r[1] is not None]
         next_due = int(after[0]) if after else None
-        by_origin: dict[str, list[str]] = {}
-        for sub, origin in rows:
-            by_origin.setdefault(origin, []).append(sub)
-        plan: list[tuple[str, int]] = []
-        unnamed = budget if default_total is None else default_total
-        for origin, subs in by_origin.items():
+        wanted: list[tuple[str, int]] = []  # (origin, room), earliest due first
+        more = False  # an origin with room and something due left for the next claim
+        for origin, _ in sorted((r for r in found if r[0] is not None), key=lambda r: r[1]):
             named = origin in room
-            left = min(room[origin] if named else min(default_room, unnamed), budget)
+            left = room[origin] if named else min(default_room, unnamed)
             if left <= 0:
                 continue
+            if budget <= 0:
+                more = True
+                break
+            left = min(left, budget)
             if not named:
                 unnamed -= left
-            share = -(-left // len(subs))  # the origin's room, shared among its due queues
-            for sub in subs:
-                n = min(share, left)
-                if n <= 0:
-                    break
-                plan.append((sub, n))
-                left -= n
-                budget -= n
-            if budget <= 0:
-                break
-        return plan, limit > 0 and len(rows) >= limit, next_due
+            wanted.append((origin, left))
+            budget -= left
+        plan: list[tuple[str, int]] = []
+        for chunk in range(0, len(wanted), _ORIGINS_PER_READ):
+            part = wanted[chunk : chunk + _ORIGINS_PER_READ]
+            rows = self.db.read_now(
+                " UNION ALL ".join([_DUE_OF_ORIGIN] * len(part)),
+                [p for origin, left in part for p in (origin, now, left)],
+            )
+            by_origin: dict[str, list[str]] = {}
+            for sub, origin in rows:
+                by_origin.setdefault(origin, []).append(sub)
+            for origin, left in part:
+                subs = by_origin.get(origin, [])
+                if not subs:
+                    continue
+                share = -(-left // len(subs))  # the origin's room, shared among its due queues
+                for sub in subs:
+                    n = min(share, left)
+                    if n <= 0:
+                        break
+                    plan.append((sub, n))
+                    left -= n
+        return plan, more, next_due
 
     async def release(self, owner: str, ids: Sequence[int]) -> None:
         """Give leased deliveries back without spending an attempt, due at once."""
