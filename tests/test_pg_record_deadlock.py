@@ -1,5 +1,5 @@
-"""Issue 12 (found in review): a record that changes a subscription's status locks its queue row out of
-order, and deadlocks with an ingest fanning out to two subscriptions.
+"""Issue 12 (found in review): a record that changes a subscription's status locked its queue
+row out of order, and deadlocked with an ingest fanning out to two subscriptions.
 
 Since the record path locks queue rows only for retries (finish_many's `retried`), a batch with
 a retry of S_high and a 410 (or a final failure, or a FAILING subscription's success) of S_low

@@ -30,7 +30,9 @@ log = structlog.get_logger("pusherd.store")
 
 VACUUM_EVERY = 3_000  # deliveries finished by this process between two vacuums
 BUSY_SHARE = 0.1  # at most this share of the time spent vacuuming
-VACUUM = "VACUUM (SKIP_LOCKED, ANALYZE) deliveries, queues"
+# TRUNCATE false: giving empty pages at the end back to the system takes a brief exclusive lock
+# on the table, which would stall every claim and ingest for a moment (and replicas with them).
+VACUUM = "VACUUM (SKIP_LOCKED, ANALYZE, TRUNCATE false) deliveries, queues"
 
 
 class Vacuum:
