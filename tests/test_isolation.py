@@ -212,3 +212,77 @@ async def test_origin_state_is_freed_when_its_subscriptions_are_deleted(
     assert (dispatcher._limits.unproven, dispatcher._limits.failing) == (0, 0)
     await harness.emit()
     await receiver.wait_for(1, "ProductCreated")
+
+
+async def test_claims_next_to_silent_origins_with_backlogs_do_not_walk_their_queues(
+    silent_factory: Callable[[], Awaitable[Silent]],
+    harness_factory: HarnessFactory,
+    receiver_factory: ReceiverFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = await harness_factory(delivery={"timeout": "10s"})
+    token = h.token()
+    dead = [await silent_factory() for _ in range(50)]
+    for s in dead:
+        await h.subscribe(token, s.url, ["PaymentCreated"])
+    healthy = await receiver_factory()
+    await h.subscribe(token, healthy.url, ["ProductCreated"])
+    await healthy.wait_for(1, "TestMessage", timeout=4)
+    resp = await h.ingest.post(
+        "/events",
+        json=[
+            {"eventName": "PaymentCreated", "organizationUuid": ORG, "payload": i}
+            for i in range(20)
+        ],
+    )
+    assert resp.status == 202
+    # Every silent origin holds its one attempt, rows claimed behind it and more due in the
+    # store: it has no room, and its queue is due.
+    dispatcher: Any = h.runtime.dispatcher
+    dead_origins = {origin(s.url) for s in dead}
+
+    def backlog_everywhere() -> bool:
+        held = {o.name for o in dispatcher._origins.values() if o.in_flight and o.waiting}
+        return dead_origins <= held
+
+    deadline = time.monotonic() + 4
+    while not backlog_everywhere():
+        assert time.monotonic() < deadline, "the silent origins did not all get their rows"
+        await asyncio.sleep(0.01)
+
+    from pusherd.store.sqlite import claims as sqlite_claims
+
+    store = dispatcher.store
+    walks = claims = idle = 0
+    read_now, claim = store.db.read_now, store.claim
+
+    def counted_read(sql: str, *args: Any) -> Any:
+        nonlocal walks
+        walks += sql == sqlite_claims._ORIGINS_DUE  # every origin with pending work, one by one
+        return read_now(sql, *args)
+
+    async def counted_claim(*args: Any, **kwargs: Any) -> Any:
+        nonlocal claims, idle
+        got = await claim(*args, **kwargs)
+        claims += 1
+        idle += not got.deliveries
+        return got
+
+    monkeypatch.setattr(store.db, "read_now", counted_read)
+    monkeypatch.setattr(store, "claim", counted_claim)
+    n = 300
+    start = time.monotonic()
+    resp = await h.ingest.post(
+        "/events",
+        json=[
+            {"eventName": "ProductCreated", "organizationUuid": ORG, "payload": i} for i in range(n)
+        ],
+    )
+    assert resp.status == 202
+    await healthy.wait_for(n, "ProductCreated", timeout=8)
+    polls = int(time.monotonic() - start) + 1
+    # The ingest (and the poll) look for origins not known yet; the other claims ask only the
+    # origins with room for rows, and a cycle where none has room asks the store nothing.
+    assert claims > 1
+    assert walks <= 4 + polls, (walks, claims)
+    assert idle <= 4 + polls, (idle, claims)

@@ -28,6 +28,14 @@ from pusherd.store.types import ClaimedDelivery
 log = structlog.get_logger("pusherd.delivery")
 
 
+def origin_name(destination: str) -> str:
+    """The origin a destination's attempts are scheduled under."""
+    try:
+        return origin_of(destination)
+    except ValueError:
+        return destination
+
+
 class Attempts:
     """Rows claimed by this process: waiting per origin, in flight, being recorded."""
 
@@ -132,10 +140,7 @@ class Attempts:
         return False
 
     def _origin(self, destination: str) -> Origin:
-        try:
-            name = origin_of(destination)
-        except ValueError:
-            name = destination
+        name = origin_name(destination)
         origin = self._origins.get(name)
         if origin is None:
             origin = self._origins[name] = Origin(

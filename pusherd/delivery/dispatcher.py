@@ -24,7 +24,7 @@ import structlog
 
 from pusherd.clock import now_ms
 from pusherd.config import DeliveryConfig
-from pusherd.delivery.attempts import Attempts
+from pusherd.delivery.attempts import Attempts, origin_name
 from pusherd.delivery.leases import new_owner, owner_is_dead
 from pusherd.delivery.origins import (
     BREAKER_FIRST_PAUSE_S,
@@ -79,6 +79,14 @@ class Dispatcher(Attempts):
         # subscription -> hand-backs under way after it changed (claims wait for them)
         self._settling: dict[str, int] = {}
         self._prune_at = 0.0  # monotonic time to look for origins to forget
+        # Whether the next claim must look for due rows of origins it does not know (new
+        # destinations): after rows were queued or handed back, on the poll, and once the
+        # earliest due time of the last claim is reached. Otherwise only origins with room are
+        # asked for rows, and a cycle where none has room asks the store nothing: 50 silent
+        # origins with backlogs cost every claim a walk over their queues.
+        self._discover = True
+        self._discovered_at = 0.0  # monotonic
+        self._next_due_ms: int | None = None  # the last claim's earliest due time after then
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -90,10 +98,12 @@ class Dispatcher(Attempts):
     def _changed(self, change: Change) -> None:
         """A committed write the dispatcher must know about (from the store's change feed)."""
         if change.kind == "deliveries_queued":
+            self._discover = True
             self._wake.set()
         elif change.subscription and change.kind in STALE_ROWS:
             # Rows of it waiting here were read before the change (destination, key, status):
             # they go back, and are claimed afresh.
+            self._discover = True
             self._hand_back(change.subscription, self._forget(change.subscription))
             self._prune_at = 0.0  # its origin may be pointed at no more
 
@@ -117,6 +127,7 @@ class Dispatcher(Attempts):
 
     def wake(self) -> None:
         """Claim without waiting for the poll (the change feed calls this for queued rows)."""
+        self._discover = True
         self._wake.set()
 
     def handover(self) -> Handover | None:
@@ -227,6 +238,21 @@ class Dispatcher(Attempts):
                 resume_ms = wall_ms + int((origin.breaker.open_until - now) * 1000) + 1
                 next_ms = min(next_ms, resume_ms)
             room[origin.name] = claims.room(origin)
+        discover = (
+            self._discover
+            or now - self._discovered_at >= POLL_S
+            or (self._next_due_ms is not None and self._next_due_ms <= wall_ms)
+        )
+        if not discover:
+            if not any(n > 0 for n in room.values()):
+                # No known origin may take rows and nothing can have become due elsewhere: a
+                # freed slot, or the earliest due time, wakes the loop.
+                if self._next_due_ms is not None:
+                    next_ms = min(next_ms, self._next_due_ms)
+                next_ms = min(next_ms, wall_ms + int((self._discovered_at + POLL_S - now) * 1000))
+                return max(0.0, (next_ms - now_ms()) / 1000)
+        else:
+            self._discover, self._discovered_at = False, now
         # An origin seen for the first time slow-starts (one attempt, rows ready behind it),
         # and all of those together stay within the share of origins not proven yet.
         claim = await self.store.claim(
@@ -235,14 +261,28 @@ class Dispatcher(Attempts):
             min(1, self.config.per_destination) * (1 + QUEUE_FACTOR),
             budget,
             self.lease_ms,
-            default_total=max(0, claims.unproven_left),
+            default_total=max(0, claims.unproven_left) if discover else 0,
         )
         self._dispatch(claim.deliveries)
+        self._next_due_ms = claim.next_due_ms
+        if discover and self._unnamed_share_spent(claim.deliveries, room, claims, budget):
+            self._discover = True  # origins not known yet may have been left rows due now
         if claim.more:
             return 0.0  # there may be more due right now
         if claim.next_due_ms is not None:
             next_ms = min(next_ms, claim.next_due_ms)
         return max(0.0, (next_ms - now_ms()) / 1000)
+
+    def _unnamed_share_spent(
+        self, claimed: list[ClaimedDelivery], room: dict[str, int], claims: Claims, budget: int
+    ) -> bool:
+        """Whether origins not named in the claim may have been left rows for lack of room:
+        the claim took all the process's budget, or all the share of origins not named."""
+        allowed = max(0, claims.unproven_left)
+        if not allowed or len(claimed) >= budget:
+            return True
+        unnamed = sum(1 for d in claimed if origin_name(d.destination) not in room)
+        return unnamed >= allowed
 
     async def _wait(self, timeout_s: float) -> None:
         waits = [

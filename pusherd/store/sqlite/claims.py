@@ -33,6 +33,15 @@ _ORIGINS_DUE = (
     " FROM o WHERE origin IS NOT NULL) WHERE first_due <= ?"
     " UNION ALL SELECT NULL, min(next_due_ms) FROM queues WHERE next_due_ms > ?"
 )
+# The same rows for named origins only (a json list), when no other origin may take rows: one
+# seek each, rather than a walk over every origin with pending work (those without room too).
+_NAMED_DUE = (
+    "SELECT * FROM (SELECT j.value AS origin, (SELECT min(next_due_ms) FROM queues q"
+    " WHERE q.origin = j.value AND q.next_due_ms IS NOT NULL) AS first_due"
+    " FROM json_each(?) j) WHERE first_due <= ?"
+    " UNION ALL SELECT NULL, min(next_due_ms) FROM queues WHERE next_due_ms > ?"
+)
+_NAMED_MAX = 16  # more origins with room than this: the walk (it only visits pending ones)
 # Up to n due queues of one origin, in due order: its range of the same index.
 _DUE_OF_ORIGIN = (
     "SELECT * FROM (SELECT subscription, origin FROM queues WHERE origin = ?"
@@ -216,7 +225,11 @@ class ClaimStore:
         many queues of origins without room are due (an idle poll is the walk and one seek).
         """
         unnamed = budget if default_total is None else default_total
-        found = self.db.read_now(_ORIGINS_DUE, (now, now))
+        with_room = [origin for origin, n in room.items() if n > 0]
+        if unnamed <= 0 and len(with_room) <= _NAMED_MAX:
+            found = self.db.read_now(_NAMED_DUE, (queues.id_list(with_room), now, now))
+        else:
+            found = self.db.read_now(_ORIGINS_DUE, (now, now))
         after = [r[1] for r in found if r[0] is None and r[1] is not None]
         next_due = int(after[0]) if after else None
         wanted: list[tuple[str, int]] = []  # (origin, room), earliest due first
