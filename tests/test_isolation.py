@@ -103,12 +103,13 @@ async def test_fifty_silent_destinations_do_not_delay_a_healthy_one(
     assert held <= 50
 
 
-async def test_an_attempt_next_to_silent_origins_with_rows_waiting_does_not_visit_them(
+async def silent_backlogs(
     silent_factory: Callable[[], Awaitable[Silent]],
     harness_factory: HarnessFactory,
     receiver_factory: ReceiverFactory,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+) -> tuple[Any, Any, set[str]]:
+    """A daemon with 50 silent origins, each holding its one attempt with rows waiting behind
+    it, and a healthy receiver subscribed to ProductCreated: (harness, healthy, silent origins)."""
     h = await harness_factory(delivery={"timeout": "10s"})
     token = h.token()
     dead = [await silent_factory() for _ in range(50)]
@@ -125,7 +126,6 @@ async def test_an_attempt_next_to_silent_origins_with_rows_waiting_does_not_visi
         ],
     )
     assert resp.status == 202
-    # Every silent origin holds its one attempt with rows waiting behind it.
     dispatcher: Any = h.runtime.dispatcher
     dead_origins = {origin(s.url) for s in dead}
 
@@ -137,6 +137,31 @@ async def test_an_attempt_next_to_silent_origins_with_rows_waiting_does_not_visi
     while not backlog_everywhere():
         assert time.monotonic() < deadline, "the silent origins did not all get their rows"
         await asyncio.sleep(0.01)
+    return h, healthy, dead_origins
+
+
+async def deliver_healthy(h: Any, healthy: Any, n: int) -> None:
+    """Ingest n ProductCreated events and wait until the healthy receiver has all of them."""
+    resp = await h.ingest.post(
+        "/events",
+        json=[
+            {"eventName": "ProductCreated", "organizationUuid": ORG, "payload": i} for i in range(n)
+        ],
+    )
+    assert resp.status == 202
+    await healthy.wait_for(n, "ProductCreated", timeout=8)
+
+
+async def test_an_attempt_next_to_silent_origins_with_rows_waiting_does_not_visit_them(
+    silent_factory: Callable[[], Awaitable[Silent]],
+    harness_factory: HarnessFactory,
+    receiver_factory: ReceiverFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every silent origin holds its one attempt with rows waiting behind it.
+    h, healthy, dead_origins = await silent_backlogs(
+        silent_factory, harness_factory, receiver_factory
+    )
 
     from pusherd.delivery.origins import Origin
 
@@ -151,17 +176,10 @@ async def test_an_attempt_next_to_silent_origins_with_rows_waiting_does_not_visi
 
     monkeypatch.setattr(Origin, "may_start", counted)
     n = 300
-    resp = await h.ingest.post(
-        "/events",
-        json=[
-            {"eventName": "ProductCreated", "organizationUuid": ORG, "payload": i} for i in range(n)
-        ],
-    )
-    assert resp.status == 202
-    await healthy.wait_for(n, "ProductCreated", timeout=8)
+    await deliver_healthy(h, healthy, n)
     # A finished attempt looks at its own origin; the silent ones are looked at when rows come
     # in (a claim, the ingest's hand-over), not twice per attempt of another origin (17,600).
-    assert visits <= len(dead), visits
+    assert visits <= len(dead_origins), visits
 
 
 @contextlib.contextmanager
@@ -220,35 +238,10 @@ async def test_claims_next_to_silent_origins_with_backlogs_do_not_walk_their_que
     receiver_factory: ReceiverFactory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    h = await harness_factory(delivery={"timeout": "10s"})
-    token = h.token()
-    dead = [await silent_factory() for _ in range(50)]
-    for s in dead:
-        await h.subscribe(token, s.url, ["PaymentCreated"])
-    healthy = await receiver_factory()
-    await h.subscribe(token, healthy.url, ["ProductCreated"])
-    await healthy.wait_for(1, "TestMessage", timeout=4)
-    resp = await h.ingest.post(
-        "/events",
-        json=[
-            {"eventName": "PaymentCreated", "organizationUuid": ORG, "payload": i}
-            for i in range(20)
-        ],
-    )
-    assert resp.status == 202
     # Every silent origin holds its one attempt, rows claimed behind it and more due in the
     # store: it has no room, and its queue is due.
+    h, healthy, _ = await silent_backlogs(silent_factory, harness_factory, receiver_factory)
     dispatcher: Any = h.runtime.dispatcher
-    dead_origins = {origin(s.url) for s in dead}
-
-    def backlog_everywhere() -> bool:
-        held = {o.name for o in dispatcher._origins.values() if o.in_flight and o.waiting}
-        return dead_origins <= held
-
-    deadline = time.monotonic() + 4
-    while not backlog_everywhere():
-        assert time.monotonic() < deadline, "the silent origins did not all get their rows"
-        await asyncio.sleep(0.01)
 
     from pusherd.store.sqlite import claims as sqlite_claims
 
@@ -272,14 +265,7 @@ async def test_claims_next_to_silent_origins_with_backlogs_do_not_walk_their_que
     monkeypatch.setattr(store, "claim", counted_claim)
     n = 300
     start = time.monotonic()
-    resp = await h.ingest.post(
-        "/events",
-        json=[
-            {"eventName": "ProductCreated", "organizationUuid": ORG, "payload": i} for i in range(n)
-        ],
-    )
-    assert resp.status == 202
-    await healthy.wait_for(n, "ProductCreated", timeout=8)
+    await deliver_healthy(h, healthy, n)
     polls = int(time.monotonic() - start) + 1
     # The ingest (and the poll) look for origins not known yet; the other claims ask only the
     # origins with room for rows, and a cycle where none has room asks the store nothing.
