@@ -433,6 +433,27 @@ async def test_circuit_breaker_pauses_an_origin_and_a_probe_closes_it(
     assert len(receiver.events("ProductCreated")) == 13
 
 
+async def test_the_probe_goes_when_the_pause_ends_with_nothing_written_meanwhile(
+    harness_factory: HarnessFactory, receiver: Receiver
+) -> None:
+    # Retries an hour away: while the circuit is open nothing is committed anywhere, so the
+    # idle poll (which skips its claim when nothing was committed) must not be what holds the
+    # probe back; the pause's end alone starts it. The pause spans two polls.
+    h = await harness_factory(delivery={"per_destination": 1, "retry_schedule": ["1h"]})
+    h.runtime.dispatcher.breaker_pause_s = 2.5
+    await subscribed(h, receiver)
+    receiver.statuses = [500] * 5
+    events = [
+        {"eventName": "ProductCreated", "organizationUuid": ORG, "payload": i, "messageId": str(i)}
+        for i in range(6)
+    ]
+    assert (await h.ingest.post("/events", json=events)).status == 202
+    await receiver.wait_for(6, "ProductCreated", timeout=8)
+    arrivals = [r.at for r in receiver.requests if r.json()["eventName"] == "ProductCreated"]
+    pause = arrivals[5] - arrivals[4]
+    assert 2.5 <= pause < 3.1, pause
+
+
 def test_breaker_default_pause_is_spec_value() -> None:
     from pusherd.delivery.origins import BREAKER_FIRST_PAUSE_S, Breaker
 

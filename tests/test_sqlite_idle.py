@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,8 @@ import pytest
 from pusherd.store import Store, open_store
 from pusherd.store.sqlite.db import Database
 from pusherd.store.types import NewEvent, NewSubscription
+from tests.conftest import Harness, Receiver
+from tests.service import run_cli_async
 
 ORG = "11111111-1111-4111-8111-111111111111"
 SUBSCRIPTIONS = 3000
@@ -132,6 +134,44 @@ async def test_the_checkpointer_skips_a_wal_nothing_was_written_to(tmp_path: Pat
         await db.close()
 
 
+async def test_checkpoints_follow_writes_and_an_idle_database_has_no_timer(
+    tmp_path: Path,
+) -> None:
+    # A checkpoint runs half a second after a write (one for a burst of writes); with nothing
+    # written there is nothing scheduled at all: no wake-up of an idle daemon for it.
+    db = Database(tmp_path / "pusherd.sqlite3")
+    await db.open()
+    try:
+        looks = done = 0
+        real = db.checkpoint_if_written
+
+        async def counted() -> bool:
+            nonlocal looks, done
+            looks += 1
+            ran = await real()
+            done += ran
+            return ran
+
+        db.checkpoint_if_written = counted  # type: ignore[method-assign]
+        await asyncio.sleep(1.2)  # idle from the start
+        assert looks == 0
+        for _ in range(5):
+            await db.write(lambda c: c.execute("PRAGMA user_version"))
+        deadline = time.monotonic() + 5
+        while not done:
+            assert time.monotonic() < deadline, "no checkpoint after the writes"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.2)  # idle again
+        assert (looks, done) == (1, 1)
+        await db.write(lambda c: c.execute("CREATE TABLE t (x)"))
+        deadline = time.monotonic() + 5
+        while done < 2:
+            assert time.monotonic() < deadline, "no checkpoint after the next write"
+            await asyncio.sleep(0.05)
+    finally:
+        await db.close()
+
+
 async def test_a_purge_with_nothing_old_reads_no_events(store: Any) -> None:
     await subscribe_many(store, 1)
     for _ in range(4):
@@ -142,3 +182,52 @@ async def test_a_purge_with_nothing_old_reads_no_events(store: Any) -> None:
     # A scan of 2,000 events (looking for old ones no delivery needs) runs some 6,000
     # instructions; a range of the age index that is empty, a handful.
     assert steps < 1000
+
+
+async def test_an_idle_daemons_poll_claims_nothing_until_something_is_committed(
+    tmp_path: Path,
+    harness_factory: Callable[..., Awaitable[Harness]],
+    receiver_factory: Callable[..., Awaitable[Receiver]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Idle, the poll's one question is whether anything was committed since the last one
+    # (SQLite's data_version): the claim and its walk of the origins stay asleep. A replay
+    # by another process (the CLI) is a commit: the next poll claims it.
+    h = await harness_factory()
+    receiver = await receiver_factory()
+    sub = await h.subscribe(h.token(), receiver.url)
+    await receiver.wait_for(1, "TestMessage")
+    await h.idle()
+    store: Any = h.runtime.dispatcher.store
+    claims = quiet = 0
+    claim, may_have_changed = store.claim, store.may_have_changed
+
+    async def counted_claim(*args: Any, **kwargs: Any) -> Any:
+        nonlocal claims
+        claims += 1
+        return await claim(*args, **kwargs)
+
+    async def counted_look() -> bool:
+        nonlocal quiet
+        changed: bool = await may_have_changed()
+        quiet += not changed
+        return changed
+
+    monkeypatch.setattr(store, "claim", counted_claim)
+    monkeypatch.setattr(store, "may_have_changed", counted_look)
+    deadline = time.monotonic() + 10
+    while not quiet:  # the last records and their checkpoint are behind us
+        assert time.monotonic() < deadline, "no poll found the database unchanged"
+        await asyncio.sleep(0.05)
+    claims, quiet = 0, 0
+    await asyncio.sleep(3.3)  # the window observed: three polls
+    assert quiet >= 2, quiet
+    assert claims == 0
+
+    config = tmp_path / "cli.toml"
+    config.write_text(f'[storage]\npath = "{h.config.storage.path}"\n')
+    code, out, err = await run_cli_async("replay", "--config", str(config), "--subscription",
+                                         sub["uuid"])  # fmt: skip
+    assert code == 0 and "queued 1 " in out, err
+    await receiver.wait_for(2, "TestMessage", timeout=3)
+    assert claims >= 1

@@ -87,6 +87,7 @@ class Dispatcher(Attempts):
         self._discover = True
         self._discovered_at = 0.0  # monotonic
         self._next_due_ms: int | None = None  # the last claim's earliest due time after then
+        self._active = True  # a cycle ran its claim since the last look for origins to forget
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -163,6 +164,7 @@ class Dispatcher(Attempts):
 
     async def _stop_once(self, grace_s: float) -> None:
         self._stop.set()
+        self._wake.set()  # the claim loop sees the stop now, not at its next poll
         if self._unsubscribe is not None:
             self._unsubscribe()
         await self.store.take_fresh(None)
@@ -208,23 +210,40 @@ class Dispatcher(Attempts):
     async def _run(self) -> None:
         await self._recover()
         await self.store.take_fresh(self)
+        woken = True
         while not self._stop.is_set():
             self._wake.clear()
             try:
-                timeout = await self._cycle()
+                timeout = await self._cycle(woken)
             except Exception as exc:
                 # The loop must outlive a bad moment of the store (disk full, I/O error); the
                 # leases of anything claimed run out on their own and the rows come back.
                 log.error("claim_failed", error=f"{type(exc).__name__}: {exc}")
-                timeout = POLL_S
+                timeout, self._discover = POLL_S, True
             if timeout > 0:
-                await self._wait(timeout)
+                woken = await self._wake.wait(timeout)
             else:
                 await asyncio.sleep(0)  # let attempts start before claiming more
+                woken = True
 
-    async def _cycle(self) -> float:
-        """One claim for every origin with room; return how long to wait (0: go again now)."""
+    async def _cycle(self, woken: bool = True) -> float:
+        """One claim for every origin with room; return how long to wait (0: go again now).
+
+        woken: False when only the wait's timeout (the poll, a due time) ended the wait.
+        """
         now, wall_ms = time.monotonic(), now_ms()
+        if not woken and await self._nothing_new(wall_ms):
+            # The poll, and nothing was committed anywhere since the last look, no due time is
+            # reached and no breaker is counting down: the last claim's answer still holds.
+            # This is all an idle daemon does once a second (the claim would have read the
+            # queues and visited every origin).
+            self._discovered_at = now
+            if self._active and now >= self._prune_at:
+                await self._forget_idle_origins(now)  # once after the last claims, then no more
+            if self._next_due_ms is None:
+                return POLL_S
+            return max(0.0, min(POLL_S, (self._next_due_ms - wall_ms) / 1000))
+        self._active = True
         if now >= self._prune_at:
             await self._forget_idle_origins(now)
         next_ms = wall_ms + int(POLL_S * 1000)
@@ -284,16 +303,15 @@ class Dispatcher(Attempts):
         unnamed = sum(1 for d in claimed if origin_name(d.destination) not in room)
         return unnamed >= allowed
 
-    async def _wait(self, timeout_s: float) -> None:
-        waits = [
-            asyncio.ensure_future(self._wake.wait()),
-            asyncio.ensure_future(self._stop.wait()),
-        ]
-        try:
-            await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
+    async def _nothing_new(self, wall_ms: int) -> bool:
+        """Whether a cycle the timeout started may skip its claim (see _cycle)."""
+        if self._discover or self._settling:
+            return False
+        if self._next_due_ms is not None and self._next_due_ms <= wall_ms:
+            return False
+        if self._limits.tripped:
+            return False  # a pause that ends, or a probe, is not a commit
+        return not await self.store.may_have_changed()
 
     def _dispatch(self, claimed: list[ClaimedDelivery]) -> None:
         if self._stop.is_set():  # stopped while this claim was in flight
@@ -326,7 +344,7 @@ class Dispatcher(Attempts):
     async def _forget_idle_origins(self, now: float) -> None:
         """Drop origins that hold nothing and no subscription points at any more, with their
         metric series (an origin still pointed at keeps its breaker and slow-start state)."""
-        self._prune_at = now + PRUNE_EVERY_S
+        self._prune_at, self._active = now + PRUNE_EVERY_S, False
         idle = [name for name, origin in self._origins.items() if origin.idle()]
         if idle:
             in_use = await self.store.origins_in_use(idle)

@@ -87,6 +87,7 @@ class Limits:
     max_in_flight: int
     unproven: int = 0  # attempts in flight of NEW and FAILING origins
     failing: int = 0  # attempts in flight of FAILING origins
+    tripped: int = 0  # origins whose breaker is open or half-open
 
     @property
     def max_unproven(self) -> int:
@@ -179,8 +180,9 @@ class Origin:
 
     def record(self, success: bool, now: float) -> bool:
         """Count an attempt's result (breaker and slow start); True when it opened the circuit."""
-        before = self.tier()
+        before, was_tripped = self.tier(), self.breaker.tripped()
         opened = self.breaker.record(success, now)
+        self.limits.tripped += self.breaker.tripped() - was_tripped
         if success:
             self.proven, self.last_success = True, now
             self.limit = min(self.limit + 1, self.limits.per_destination)
@@ -245,5 +247,6 @@ def prune(origins: dict[str, Origin], in_use: Collection[str]) -> list[str]:
     return their names."""
     gone = [name for name, origin in origins.items() if origin.idle() and name not in in_use]
     for name in gone:
-        del origins[name]
+        origin = origins.pop(name)
+        origin.limits.tripped -= origin.breaker.tripped()
     return gone

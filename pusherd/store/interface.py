@@ -113,6 +113,12 @@ class DeliveryQueue(Protocol):
         """The earliest next due time of any subscription whose origin is not blocked."""
         ...
 
+    async def may_have_changed(self) -> bool:
+        """Whether anything may have been committed, by any process, since the last call (True
+        when the backend cannot tell). With nothing committed and no due time reached, what
+        the last claim found still holds: the dispatcher's poll then asks nothing more."""
+        ...
+
     async def claim(
         self,
         owner: str,

@@ -147,6 +147,11 @@ class Queue:
         )
         return None if value is None else self.clock.to_local(int(value))
 
+    async def may_have_changed(self) -> bool:
+        """Always True: other processes' commits reach this one through LISTEN/NOTIFY, whose
+        loss the poll is there to cover, so the poll always looks."""
+        return True
+
     async def origins_in_use(self, origins: Collection[str]) -> set[str]:
         """Those of these origins that some deliverable subscription points at."""
         if not origins:

@@ -158,6 +158,7 @@ class ClaimStore:
 
     db: Database
     changes: ChangeFeed
+    _data_version = -1  # the quick reader's, at the last may_have_changed()
 
     async def due_at(self, blocked: Collection[str] = ()) -> int | None:
         """The earliest next due time of any queue whose origin is not blocked (None: none)."""
@@ -168,6 +169,13 @@ class ClaimStore:
             tuple(blocked),
         )
         return None if rows[0][0] is None else int(rows[0][0])
+
+    async def may_have_changed(self) -> bool:
+        """Whether a commit (of this process or another) happened since the last call: SQLite's
+        data_version of the quick reader, one call that reads no page."""
+        version = int(self.db.read_now("PRAGMA data_version")[0][0])
+        changed, self._data_version = version != self._data_version, version
+        return changed
 
     async def origins_in_use(self, origins: Collection[str]) -> set[str]:
         """Those of these origins that some deliverable subscription points at."""
