@@ -1,0 +1,98 @@
+"""Divergences from SPEC found by the second black-box audit (branch audit2), one test each.
+
+The audit drove a real `pusherd serve` with clients, the CLI and loopback receivers (raw sockets
+for the misbehaving ones); these tests pin down what it found wrong, so that each fails without
+its fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests.conftest import ORG, Receiver
+from tests.service import Service, run_cli_async, start_service, write_config
+
+ReceiverFactory = Callable[..., Awaitable[Receiver]]
+
+
+@contextlib.asynccontextmanager
+async def serving(tmp_path: Path, extra: str = "") -> AsyncIterator[tuple[Service, str]]:
+    """A real `pusherd serve` (uvloop, its own process) and an API token of ORG."""
+    config = tmp_path / "pusherd.toml"
+    ports = write_config(config, tmp_path / "db.sqlite3", extra)
+    code, out, err = await run_cli_async(
+        "token", "create", "--config", str(config), "--org", ORG, "--scope", "READ:PRODUCT"
+    )
+    assert code == 0, err
+    service = start_service(config, *ports)
+    try:
+        await asyncio.to_thread(service.wait_healthy)
+        yield service, out.strip()
+    finally:
+        await asyncio.to_thread(service.kill)
+
+
+async def subscribe(
+    session: aiohttp.ClientSession, service: Service, token: str, destination: str
+) -> dict[str, Any]:
+    body = {
+        "uuid": str(uuid.uuid1()),
+        "transportName": "WEBHOOK",
+        "eventNames": ["ProductCreated"],
+        "destination": destination,
+        "contactEmail": "ops@example.com",
+    }
+    async with session.post(
+        service.api + "/organizations/self/subscriptions",
+        json=body,
+        headers={"Authorization": f"Bearer {token}"},
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+        data: dict[str, Any] = await resp.json()
+        return data
+
+
+def event(message_id: str) -> dict[str, Any]:
+    return {
+        "eventName": "ProductCreated",
+        "organizationUuid": ORG,
+        "payload": {"id": message_id},
+        "messageId": message_id,
+    }
+
+
+# -- §5/§6 order -------------------------------------------------------------------------------
+
+
+async def test_a_batch_reaches_a_keep_alive_receiver_in_array_order(
+    tmp_path: Path, receiver_factory: ReceiverFactory
+) -> None:
+    """SPEC §5: "Events reach subscribers in the order ingested (array order in a batch)".
+
+    A request written on a new connection was overtaken by the next ones, written on the
+    receiver's open keep-alive connections: the receiver takes up a new connection (accept,
+    then a read) after the requests already waiting on the connections it has.
+    """
+    receiver = await receiver_factory()
+    async with serving(tmp_path) as (service, token), aiohttp.ClientSession() as session:
+        await subscribe(session, service, token, receiver.url)
+        await receiver.wait_for(1, "TestMessage")
+        sent: list[str] = []
+        for i in range(10):
+            async with session.post(service.ingest + "/events", json=event(f"one-{i}")) as resp:
+                assert resp.status == 202
+            sent.append(f"one-{i}")
+        for n in range(2):
+            batch = [event(f"batch{n}-{i}") for i in range(40)]
+            async with session.post(service.ingest + "/events", json=batch) as resp:
+                assert resp.status == 202
+            sent += [e["messageId"] for e in batch]
+        await receiver.wait_for(len(sent), "ProductCreated", timeout=20)
+        assert [e["messageId"] for e in receiver.events("ProductCreated")] == sent
