@@ -23,10 +23,12 @@ ReceiverFactory = Callable[..., Awaitable[Receiver]]
 
 
 @contextlib.asynccontextmanager
-async def serving(tmp_path: Path, extra: str = "") -> AsyncIterator[tuple[Service, str]]:
-    """A real `pusherd serve` (uvloop, its own process) and an API token of ORG."""
+async def serving(tmp_path: Path, delivery: str = "") -> AsyncIterator[tuple[Service, str]]:
+    """A real `pusherd serve` (uvloop, its own process) and an API token of ORG; `delivery`:
+    more keys of its [delivery] section."""
     config = tmp_path / "pusherd.toml"
-    ports = write_config(config, tmp_path / "db.sqlite3", extra)
+    ports = write_config(config, tmp_path / "db.sqlite3")
+    config.write_text(config.read_text().replace("[delivery]\n", "[delivery]\n" + delivery))
     code, out, err = await run_cli_async(
         "token", "create", "--config", str(config), "--org", ORG, "--scope", "READ:PRODUCT"
     )
@@ -96,3 +98,36 @@ async def test_a_batch_reaches_a_keep_alive_receiver_in_array_order(
             sent += [e["messageId"] for e in batch]
         await receiver.wait_for(len(sent), "ProductCreated", timeout=20)
         assert [e["messageId"] for e in receiver.events("ProductCreated")] == sent
+
+
+# -- §3 DISABLED after disable_after -------------------------------------------------------------
+
+
+async def test_a_failing_subscription_is_disabled_after_disable_after_while_its_origin_is_paused(
+    tmp_path: Path, receiver_factory: ReceiverFactory
+) -> None:
+    """SPEC §3: "DISABLED when it has failed continuously for disable_after".
+
+    The change was only looked at when an attempt failed, and after 5 failed attempts the
+    origin's circuit breaker holds the next one back for 30 s (up to 10 min): a subscription
+    past its disable_after stayed FAILING, and its contact unwarned, for the whole pause.
+    """
+    receiver = await receiver_factory(default=500)
+    extra = 'retry_schedule = ["100ms", "100ms", "100ms", "100ms", "100ms", "100ms", "100ms"]\n'
+    extra += 'disable_after = "2s"\njitter = 0.0\n'
+    async with (
+        serving(tmp_path, delivery=extra) as (service, token),
+        aiohttp.ClientSession() as session,
+    ):
+        sub = await subscribe(session, service, token, receiver.url)
+        await receiver.wait_for(5, "TestMessage")  # the breaker opens after the fifth
+        url = f"{service.api}/organizations/self/subscriptions/{sub['uuid']}"
+        headers = {"Authorization": f"Bearer {token}"}
+        deadline = asyncio.get_running_loop().time() + 10
+        status = ""
+        while status != "DISABLED":
+            async with session.get(url, headers=headers) as resp:
+                status = (await resp.json())["status"]
+            assert asyncio.get_running_loop().time() < deadline, status
+            await asyncio.sleep(0.1)
+        assert len(receiver.requests) == 5  # no attempt was spent on it
