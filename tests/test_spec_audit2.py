@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from tests.conftest import ORG, Receiver
 from tests.service import Service, run_cli_async, start_service, write_config
@@ -73,31 +75,47 @@ def event(message_id: str) -> dict[str, Any]:
 # -- §5/§6 order -------------------------------------------------------------------------------
 
 
-async def test_a_batch_reaches_a_keep_alive_receiver_in_array_order(
-    tmp_path: Path, receiver_factory: ReceiverFactory
-) -> None:
+async def test_a_batch_reaches_a_keep_alive_receiver_in_array_order(tmp_path: Path) -> None:
     """SPEC §5: "Events reach subscribers in the order ingested (array order in a batch)".
 
     A request written on a new connection was overtaken by the next ones, written on the
     receiver's open keep-alive connections: the receiver takes up a new connection (accept,
-    then a read) after the requests already waiting on the connections it has.
+    then a read) after the requests already waiting on the connections it has. The last batch
+    comes after pusherd has closed its idle connections (4 s), and opens them again.
     """
-    receiver = await receiver_factory()
-    async with serving(tmp_path) as (service, token), aiohttp.ClientSession() as session:
-        await subscribe(session, service, token, receiver.url)
-        await receiver.wait_for(1, "TestMessage")
-        sent: list[str] = []
-        for i in range(10):
-            async with session.post(service.ingest + "/events", json=event(f"one-{i}")) as resp:
-                assert resp.status == 202
-            sent.append(f"one-{i}")
-        for n in range(2):
-            batch = [event(f"batch{n}-{i}") for i in range(40)]
-            async with session.post(service.ingest + "/events", json=batch) as resp:
-                assert resp.status == 202
-            sent += [e["messageId"] for e in batch]
-        await receiver.wait_for(len(sent), "ProductCreated", timeout=20)
-        assert [e["messageId"] for e in receiver.events("ProductCreated")] == sent
+    receiver = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", receiver.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    receiver.url = str(server.make_url("/hook"))
+    assert server.runner is not None and server.runner.server is not None
+    handlers = server.runner.server
+    try:
+        async with serving(tmp_path) as (service, token), aiohttp.ClientSession() as session:
+            await subscribe(session, service, token, receiver.url)
+            await receiver.wait_for(1, "TestMessage")
+            sent: list[str] = []
+
+            async def post(body: Any) -> None:
+                async with session.post(service.ingest + "/events", json=body) as resp:
+                    assert resp.status == 202
+                sent.extend(e["messageId"] for e in (body if isinstance(body, list) else [body]))
+
+            for i in range(10):
+                await post(event(f"one-{i}"))
+            for n in range(2):
+                await post([event(f"batch{n}-{i}") for i in range(40)])
+            await receiver.wait_for(len(sent), "ProductCreated", timeout=20)
+            deadline = asyncio.get_running_loop().time() + 10
+            while handlers.connections:  # pusherd closes idle connections after 4 s
+                assert asyncio.get_running_loop().time() < deadline, "idle connections kept"
+                await asyncio.sleep(0.1)
+            await post([event(f"after-idle-{i}") for i in range(40)])
+            await receiver.wait_for(len(sent), "ProductCreated", timeout=20)
+            assert [e["messageId"] for e in receiver.events("ProductCreated")] == sent
+    finally:
+        await server.close()
 
 
 # -- §3 DISABLED after disable_after -------------------------------------------------------------

@@ -107,7 +107,8 @@ class HttpClient:
         self._idle_count = 0
         self._sweep: asyncio.TimerHandle | None = None
         self._dns: dict[tuple[str, int], tuple[float, list[AddrInfo]]] = {}
-        self._pooled_at: dict[PoolKey, float] = {}  # when each origin last pooled a connection
+        # Whether each origin's last answer left its connection open for the next request.
+        self._keeps_alive: dict[PoolKey, bool] = {}
         self._tls = tls  # default: the system's trust store, with host name checks
         self._closed = False
 
@@ -127,15 +128,15 @@ class HttpClient:
 
     def release(self, conn: Connection) -> None:
         """Pool a connection whose exchange is complete, or close it."""
+        if len(self._keeps_alive) > 4096:
+            self._keeps_alive.clear()
+        self._keeps_alive[conn.key] = conn.reusable
         if conn.closed or not conn.reusable or self._closed:
             conn.close()
             return
         if self._idle_count >= self.max_idle:
             self._make_room()
         conn.idle_since = conn.loop.time()
-        if len(self._pooled_at) > 4096:
-            self._pooled_at.clear()
-        self._pooled_at[conn.key] = conn.idle_since
         conns = self._idle.get(conn.key)
         if conns is None:
             conns = self._idle[conn.key] = []
@@ -144,10 +145,10 @@ class HttpClient:
         if self._sweep is None:
             self._sweep = conn.loop.call_at(conn.idle_since + KEEPALIVE_S, self._close_expired)
 
-    def keeps_alive(self, key: PoolKey, now: float) -> bool:
-        """Whether the origin kept a connection open for reuse in the last KEEPALIVE_S: its
-        next requests may then be written on connections the receiver already reads."""
-        return now - self._pooled_at.get(key, -KEEPALIVE_S) < KEEPALIVE_S
+    def keeps_alive(self, key: PoolKey) -> bool:
+        """Whether the origin's last answer left its connection open for reuse: its next
+        requests may then be written on connections the receiver already reads."""
+        return self._keeps_alive.get(key, False)
 
     def _close_expired(self) -> None:
         """The idle timer: close what has been idle KEEPALIVE_S, wake again for the next one."""

@@ -138,7 +138,7 @@ class Sender:
                 # events reach a subscriber in ingest order). A receiver that closes after
                 # every answer has no open ones: its next requests queue behind this one's
                 # connection in its accept backlog, in order.
-                if on_sent is not None and self.client.keeps_alive(t.key, loop.time()):
+                if on_sent is not None and self.client.keeps_alive(t.key):
                     on_sent = None  # the caller's on_sent after the answer releases them
             else:
                 t, request, waiter, current = ex.target, ex.request, ex.answer, ex.conn
