@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -25,12 +26,15 @@ ReceiverFactory = Callable[..., Awaitable[Receiver]]
 
 
 @contextlib.asynccontextmanager
-async def serving(tmp_path: Path, delivery: str = "") -> AsyncIterator[tuple[Service, str]]:
-    """A real `pusherd serve` (uvloop, its own process) and an API token of ORG; `delivery`:
-    more keys of its [delivery] section."""
+async def serving(
+    tmp_path: Path, delivery: str = "", storage: str = ""
+) -> AsyncIterator[tuple[Service, str]]:
+    """A real `pusherd serve` (uvloop, its own process) and an API token of ORG; `delivery` and
+    `storage`: more keys of those sections."""
     config = tmp_path / "pusherd.toml"
     ports = write_config(config, tmp_path / "db.sqlite3")
-    config.write_text(config.read_text().replace("[delivery]\n", "[delivery]\n" + delivery))
+    text = config.read_text().replace("[delivery]\n", "[delivery]\n" + delivery)
+    config.write_text(text.replace("[storage]\n", "[storage]\n" + storage))
     code, out, err = await run_cli_async(
         "token", "create", "--config", str(config), "--org", ORG, "--scope", "READ:PRODUCT"
     )
@@ -41,6 +45,13 @@ async def serving(tmp_path: Path, delivery: str = "") -> AsyncIterator[tuple[Ser
         yield service, out.strip()
     finally:
         await asyncio.to_thread(service.kill)
+
+
+def storage_keys(request: pytest.FixtureRequest, backend: str) -> str:
+    """The [storage] keys of a backend: PostgreSQL in a fresh database of the test server."""
+    if backend == "postgres":
+        return f'url = "{request.getfixturevalue("pg_url")}"\n'
+    return ""
 
 
 async def subscribe(
@@ -75,7 +86,10 @@ def event(message_id: str) -> dict[str, Any]:
 # -- §5/§6 order -------------------------------------------------------------------------------
 
 
-async def test_a_batch_reaches_a_keep_alive_receiver_in_array_order(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_a_batch_reaches_a_keep_alive_receiver_in_array_order(
+    tmp_path: Path, request: pytest.FixtureRequest, backend: str
+) -> None:
     """SPEC §5: "Events reach subscribers in the order ingested (array order in a batch)".
 
     A request written on a new connection was overtaken by the next ones, written on the
@@ -92,7 +106,10 @@ async def test_a_batch_reaches_a_keep_alive_receiver_in_array_order(tmp_path: Pa
     assert server.runner is not None and server.runner.server is not None
     handlers = server.runner.server
     try:
-        async with serving(tmp_path) as (service, token), aiohttp.ClientSession() as session:
+        async with (
+            serving(tmp_path, storage=storage_keys(request, backend)) as (service, token),
+            aiohttp.ClientSession() as session,
+        ):
             await subscribe(session, service, token, receiver.url)
             await receiver.wait_for(1, "TestMessage")
             sent: list[str] = []
@@ -121,8 +138,9 @@ async def test_a_batch_reaches_a_keep_alive_receiver_in_array_order(tmp_path: Pa
 # -- §3 DISABLED after disable_after -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_a_failing_subscription_is_disabled_after_disable_after_while_its_origin_is_paused(
-    tmp_path: Path, receiver_factory: ReceiverFactory
+    tmp_path: Path, receiver_factory: ReceiverFactory, request: pytest.FixtureRequest, backend: str
 ) -> None:
     """SPEC §3: "DISABLED when it has failed continuously for disable_after".
 
@@ -133,8 +151,9 @@ async def test_a_failing_subscription_is_disabled_after_disable_after_while_its_
     receiver = await receiver_factory(default=500)
     extra = 'retry_schedule = ["100ms", "100ms", "100ms", "100ms", "100ms", "100ms", "100ms"]\n'
     extra += 'disable_after = "2s"\njitter = 0.0\n'
+    storage = storage_keys(request, backend)
     async with (
-        serving(tmp_path, delivery=extra) as (service, token),
+        serving(tmp_path, delivery=extra, storage=storage) as (service, token),
         aiohttp.ClientSession() as session,
     ):
         sub = await subscribe(session, service, token, receiver.url)
