@@ -19,10 +19,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import ORG, Receiver
+from tests.conftest import ORG, Harness, Receiver
 from tests.service import Service, run_cli_async, start_service, write_config
 
 ReceiverFactory = Callable[..., Awaitable[Receiver]]
+ZETTLE = "/organizations/self/subscriptions"
 
 
 @contextlib.asynccontextmanager
@@ -168,3 +169,24 @@ async def test_a_failing_subscription_is_disabled_after_disable_after_while_its_
             assert asyncio.get_running_loop().time() < deadline, status
             await asyncio.sleep(0.1)
         assert len(receiver.requests) == 5  # no attempt was spent on it
+
+
+# -- §3 DELETE without a subscription uuid ------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [ZETTLE, ZETTLE + "/", f"/organizations/{ORG}/subscriptions"])
+async def test_delete_without_a_subscription_uuid_is_404(harness: Harness, path: str) -> None:
+    """SPEC §3 "DELETE ... **404** if none", as seed 000 says: "404 Not Found — Returned when the
+    subscriptionUuid is missing in the request" (PUT without one is 405, as both say). It was
+    405 like any wrong method."""
+    token = harness.token()
+    resp = await harness.api.delete(path, data=b"[]", headers=harness.auth(token))
+    body = await resp.json()
+    assert resp.status == 404, body
+    assert body["status"] == "error" and "uuid" in body["message"]
+    assert "X-RateLimit-Remaining" in resp.headers
+    assert (await harness.api.delete(path)).status == 401
+    other = "/organizations/5a0b9c1e-1d2f-4a3b-8c4d-222222222222/subscriptions"
+    assert (await harness.api.delete(other, headers=harness.auth(token))).status == 403
+    resp = await harness.api.get(ZETTLE, headers=harness.auth(token))
+    assert resp.status == 200  # nothing was deleted, the collection still answers
