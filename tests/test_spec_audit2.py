@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import ORG, Harness, Receiver
+from tests.conftest import ALL_SCOPES, ORG, Harness, Receiver, make_config
 from tests.service import Service, run_cli_async, start_service, write_config
 
 ReceiverFactory = Callable[..., Awaitable[Receiver]]
@@ -190,3 +190,44 @@ async def test_delete_without_a_subscription_uuid_is_404(harness: Harness, path:
     assert (await harness.api.delete(other, headers=harness.auth(token))).status == 403
     resp = await harness.api.get(ZETTLE, headers=harness.auth(token))
     assert resp.status == 200  # nothing was deleted, the collection still answers
+
+
+# -- §6 what is kept of an answer ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_an_answer_with_nul_bytes_is_recorded_on_both_backends(
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    backend: str,
+    harness_factory: Callable[..., Awaitable[Harness]],
+    receiver_factory: ReceiverFactory,
+) -> None:
+    """SPEC §6: "Of the body the first 1 KiB is kept" (and §8: the same on PostgreSQL).
+
+    PostgreSQL text cannot hold a NUL character: an answer carrying one failed the whole group
+    of attempt records it was written with (other destinations' outcomes too), and the
+    delivery, never recorded, went out again at every lease.
+    """
+    storage = {"url": request.getfixturevalue("pg_url")} if backend == "postgres" else {}
+    h = await harness_factory(make_config(tmp_path, storage=storage))
+
+    async def nul(_: web.Request) -> web.Response:
+        return web.Response(body=b"ok\x00\xffend")
+
+    receiver = await receiver_factory(statuses=[nul])
+    _, token = await h.runtime.store.create_token(ORG, ALL_SCOPES, "audit", None)
+    sub = await h.subscribe(token, receiver.url)
+    await receiver.wait_for(1, "TestMessage")
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        resp = await h.api.get(f"/api/webhooks/{sub['uuid']}/events", headers=h.auth(token))
+        (item,) = (await resp.json())["data"]["events"]
+        if item["status"] != "pending":
+            break
+        assert asyncio.get_running_loop().time() < deadline, item
+        await h.idle()
+    assert item["status"] == "delivered" and item["attempts"] == 1
+    resp = await h.api.get(f"/api/webhooks/events/{item['id']}", headers=h.auth(token))
+    (attempt,) = (await resp.json())["data"]["attemptLog"]
+    assert attempt["responseBody"] == "ok\ufffd\ufffdend"  # shown as text, as undecodable bytes are

@@ -43,6 +43,12 @@ def envelope(d: ClaimedDelivery) -> bytes:
     )
 
 
+def answer_text(body: bytes) -> str:
+    """The kept start of an answer as text: undecodable bytes and NUL (which PostgreSQL text
+    cannot hold; one failed the whole group of records it was in) become U+FFFD."""
+    return body.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
+
+
 def origin_of(url: str) -> str:
     """scheme://host:port, the unit of per-destination limits and circuit breaking."""
     u = URL(url)
@@ -161,7 +167,7 @@ class Sender:
                 status_code=answer.status,
                 error=None,
                 duration_ms=(time.perf_counter() - started) * 1000,
-                body=answer.body.decode("utf-8", errors="replace"),
+                body=answer_text(answer.body),
                 retry_after_s=retry_after,
             )
         except asyncio.CancelledError:
