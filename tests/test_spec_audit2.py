@@ -231,3 +231,51 @@ async def test_an_answer_with_nul_bytes_is_recorded_on_both_backends(
     resp = await h.api.get(f"/api/webhooks/events/{item['id']}", headers=h.auth(token))
     (attempt,) = (await resp.json())["data"]["attemptLog"]
     assert attempt["responseBody"] == "ok\ufffd\ufffdend"  # shown as text, as undecodable bytes are
+
+
+# -- §3-§5 NUL characters in input ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_nul_characters_in_stored_fields_are_refused_on_both_backends(
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    backend: str,
+    harness_factory: Callable[..., Awaitable[Harness]],
+) -> None:
+    """SPEC §5 (400 for a bad field, a timestamp that is not ISO-8601), §4 (invalid input is 400),
+    §3 (contactEmail "not a valid address": 422), §8 (the same contract on PostgreSQL).
+
+    PostgreSQL text cannot hold NUL: a messageId, timestamp, secretKey or contactEmail carrying
+    one was a 500, and an ingest failed the whole group commit it shared with other producers'
+    requests (all 500). On SQLite the same input was stored and sent on (a NUL timestamp in
+    the envelope), though no ISO-8601 date or e-mail address contains one.
+    """
+    storage = {"url": request.getfixturevalue("pg_url")} if backend == "postgres" else {}
+    h = await harness_factory(make_config(tmp_path, storage=storage))
+    _, token = await h.runtime.store.create_token(ORG, ALL_SCOPES, "audit", None)
+
+    async def ingest(**fields: Any) -> int:
+        resp = await h.ingest.post("/events", json={**event(str(uuid.uuid4())), **fields})
+        return resp.status
+
+    good = [ingest() for _ in range(5)]
+    statuses = await asyncio.gather(
+        ingest(messageId="m\x00n"), ingest(timestamp="2026-11-22T14:30:00Z\x00"), *good
+    )
+    assert statuses == [400, 400] + [202] * 5
+    hook = {"url": "https://93.184.216.34/hook", "eventTypes": []}
+    for extra in ({"secretKey": "s" * 32 + "\x00"}, {"contactEmail": "a\x00b@example.com"}):
+        resp = await h.api.post(
+            "/api/webhooks/register", json={**hook, **extra}, headers=h.auth(token)
+        )
+        assert resp.status == 400, await resp.text()
+    body = {
+        "uuid": str(uuid.uuid1()),
+        "transportName": "WEBHOOK",
+        "eventNames": [],
+        "destination": "https://93.184.216.34/hook",
+        "contactEmail": "a\x01b@example.com",
+    }
+    resp = await h.api.post(ZETTLE, json=body, headers=h.auth(token))
+    assert resp.status == 422, await resp.text()
