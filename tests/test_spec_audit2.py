@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestServer
 
 from tests.conftest import ALL_SCOPES, ORG, Harness, Receiver, make_config
 from tests.service import Service, run_cli_async, start_service, write_config
+from tests.test_console import sign_in
 
 ReceiverFactory = Callable[..., Awaitable[Receiver]]
 ZETTLE = "/organizations/self/subscriptions"
@@ -242,6 +243,7 @@ async def test_nul_characters_in_stored_fields_are_refused_on_both_backends(
     request: pytest.FixtureRequest,
     backend: str,
     harness_factory: Callable[..., Awaitable[Harness]],
+    receiver: Receiver,
 ) -> None:
     """SPEC §5 (400 for a bad field, a timestamp that is not ISO-8601), §4 (invalid input is 400),
     §3 (contactEmail "not a valid address": 422), §8 (the same contract on PostgreSQL).
@@ -264,7 +266,7 @@ async def test_nul_characters_in_stored_fields_are_refused_on_both_backends(
         ingest(messageId="m\x00n"), ingest(timestamp="2026-11-22T14:30:00Z\x00"), *good
     )
     assert statuses == [400, 400] + [202] * 5
-    hook = {"url": "https://93.184.216.34/hook", "eventTypes": []}
+    hook = {"url": receiver.url, "eventTypes": []}
     for extra in ({"secretKey": "s" * 32 + "\x00"}, {"contactEmail": "a\x00b@example.com"}):
         resp = await h.api.post(
             "/api/webhooks/register", json={**hook, **extra}, headers=h.auth(token)
@@ -274,8 +276,29 @@ async def test_nul_characters_in_stored_fields_are_refused_on_both_backends(
         "uuid": str(uuid.uuid1()),
         "transportName": "WEBHOOK",
         "eventNames": [],
-        "destination": "https://93.184.216.34/hook",
+        "destination": receiver.url,
         "contactEmail": "a\x01b@example.com",
     }
     resp = await h.api.post(ZETTLE, json=body, headers=h.auth(token))
     assert resp.status == 422, await resp.text()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_a_console_log_filter_with_a_nul_character_is_400(
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    backend: str,
+    harness_factory: Callable[..., Awaitable[Harness]],
+    receiver: Receiver,
+) -> None:
+    """SPEC §9 (a subscription's delivery log filtered by event name) on PostgreSQL (§8): an
+    event-name filter with a NUL character was a 500 there, an empty page on SQLite."""
+    storage = {"url": request.getfixturevalue("pg_url")} if backend == "postgres" else {}
+    h = await harness_factory(make_config(tmp_path, storage=storage))
+    _, token = await h.runtime.store.create_token(ORG, ALL_SCOPES, "audit", None)
+    sub = await h.subscribe(token, receiver.url)
+    await sign_in(h.api, token)
+    page = f"/console/subscriptions/{sub['uuid']}"
+    assert (await h.api.get(page, params={"event": "TestMessage"})).status == 200
+    resp = await h.api.get(page, params={"event": "Test\x00Message"})
+    assert resp.status == 400, resp.status
