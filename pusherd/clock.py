@@ -31,8 +31,8 @@ def iso_or_none(ms: int | None) -> str | None:
 
 def parse_iso(text: str) -> datetime | None:
     """An ISO-8601 date-time (a trailing Z allowed), or None if it is not one."""
-    if not isinstance(text, str) or len(text) < 10:
-        return None
+    if not isinstance(text, str) or len(text) < 10 or not (text.isascii() and text.isprintable()):
+        return None  # fromisoformat reads up to a NUL and ignores the rest
     try:
         value = datetime.fromisoformat(text.replace("z", "Z"))
     except ValueError:

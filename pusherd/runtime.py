@@ -12,6 +12,7 @@ from pusherd.catalogue import Catalogue
 from pusherd.config import Config
 from pusherd.delivery.dispatcher import Dispatcher
 from pusherd.delivery.http import HttpClient
+from pusherd.delivery.overdue import DisableTimers
 from pusherd.delivery.sender import Sender
 from pusherd.metrics import Metrics
 from pusherd.notify import Notifier
@@ -52,6 +53,9 @@ class Runtime:
         self.metrics = Metrics()
         self.ratelimiter = RateLimiter(config.ratelimit)
         self.notifier = Notifier(config.smtp)
+        self.disable_timers = DisableTimers(
+            lambda: self.store, config.delivery.disable_after, self.status_changed
+        )
         self._store: Store | None = None
         self._shared_limits: SharedRateLimits | None = None  # the store, if it counts for all
         self._client: HttpClient | None = None
@@ -93,6 +97,8 @@ class Runtime:
     def status_changed(self, change: StatusChange) -> None:
         """A subscription's status changed by a delivery outcome: mail its contact."""
         self.notifier.notify(change)
+        if change.new == "FAILING":
+            self.disable_timers.failing(change.subscription)
 
     def _changed(self, change: Change) -> None:
         """A deleted or DISABLED subscription's pending deliveries are finished (change feed)."""
@@ -132,6 +138,7 @@ class Runtime:
         await asyncio.gather(*background, return_exceptions=True)
         if self._dispatcher is not None:
             await self._dispatcher.stop(self.config.delivery.shutdown_grace)
+        await self.disable_timers.close()
         await self.notifier.drain()
         if self._client is not None:
             await self._client.close()

@@ -359,6 +359,31 @@ async def test_gone_disables_the_subscription_and_close_pending_fails_the_rest(
     assert (counts.failed, counts.pending) == (4, 0)
 
 
+async def test_disable_overdue_disables_only_a_subscription_failing_long_enough(
+    store: Store,
+) -> None:
+    # SPEC §3: FAILING for disable_after means DISABLED, even when no attempt fails then (the
+    # origin's breaker may hold them back): the runtime asks the store on a timer.
+    failing = await subscribe(store)
+    active = await subscribe(store, "https://b.example/hook")
+    await ingest(store)
+    seen: list[Change] = []
+    store.changes.subscribe(seen.append)
+    for d in (await claim(store)).deliveries:
+        if d.subscription == failing.uuid:
+            await store.record_attempt(d, "me", record(False), "retry", now_ms() + 10**6, 10**9)
+    assert await store.disable_overdue(active.uuid, 0) is None  # ACTIVE is left alone
+    assert await store.disable_overdue(failing.uuid, 10**9) is None  # not failing long enough
+    change = await store.disable_overdue(failing.uuid, 0)
+    assert change is not None and (change.old, change.new) == ("FAILING", "DISABLED")
+    assert change.organization == ORG and change.destination == failing.destination
+    assert await store.disable_overdue(failing.uuid, 0) is None
+    statuses = {s.uuid: s.status for s in await store.list_subscriptions(ORG)}
+    assert statuses == {failing.uuid: "DISABLED", active.uuid: "ACTIVE"}
+    assert await store.subscriptions_to_close() == [failing.uuid]
+    await wait_until(lambda: any(c.kind == "subscription_disabled" for c in seen))
+
+
 async def test_a_deleted_subscriptions_pending_rows_are_cancelled(store: Store) -> None:
     sub = await subscribe(store)
     await ingest(store, 3)

@@ -58,6 +58,10 @@ def _event(item: Any, known: Any, where: str) -> NewEvent:
         raise ApiError(
             400, f"{where}messageId must be a non-empty string of at most 200 characters"
         )
+    if message_id is not None and "\x00" in message_id:
+        # Stored as text, which PostgreSQL cannot hold a NUL in (SQLite could, PostgreSQL failed
+        # the whole group commit): the same answer on both backends.
+        raise ApiError(400, f"{where}messageId must not contain NUL characters")
     timestamp = item.get("timestamp")
     if timestamp is not None and (not isinstance(timestamp, str) or parse_iso(timestamp) is None):
         raise ApiError(400, f"{where}timestamp must be an ISO-8601 date-time string")

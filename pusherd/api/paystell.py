@@ -163,11 +163,13 @@ async def register(request: web.Request) -> web.Response:
             email = subs.parse_email(f["contactEmail"])
         secret = f.get("secretKey")
         if secret is not None and (
-            not isinstance(secret, str) or not SECRET_MIN <= len(secret) <= SECRET_MAX
+            not isinstance(secret, str)
+            or not SECRET_MIN <= len(secret) <= SECRET_MAX
+            or "\x00" in secret  # PostgreSQL text cannot hold it
         ):
             raise subs.FieldError(
                 "secretKey",
-                f"secretKey must be a string of {SECRET_MIN} to {SECRET_MAX} characters",
+                f"secretKey must be a string of {SECRET_MIN} to {SECRET_MAX} characters (no NUL)",
             )
         subs.check_scopes(names, token, runtime.catalogue)
         url = await subs.parse_destination(f["url"], runtime.config.delivery, "url")

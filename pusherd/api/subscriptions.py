@@ -28,8 +28,10 @@ from pusherd.store.types import (
 )
 
 KEY_ALPHABET = string.ascii_letters + string.digits
+# No control characters in the local part (RFC 5322 atext; PostgreSQL text cannot hold NUL).
 _EMAIL_RE = re.compile(
-    r"^[^@\s\"(),:;<>\[\]\\]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?\.[A-Za-z0-9-]{2,}$"
+    r"^[^@\s\x00-\x1f\x7f\"(),:;<>\[\]\\]+"
+    r"@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?\.[A-Za-z0-9-]{2,}$"
 )
 EMAIL_MAX = 512
 DESTINATION_MAX = 2048

@@ -191,13 +191,22 @@ async def delete_subscription(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def delete_without_uuid(request: web.Request) -> web.Response:
+    """DELETE on the collection: 404, as seed 000 answers a DELETE without a subscriptionUuid
+    (a PUT without one is 405, a wrong method)."""
+    resolve_org(request, request.match_info["organizationUuid"])
+    raise ApiError(
+        404, "no subscription uuid in the path: DELETE /organizations/{org}/subscriptions/{uuid}"
+    )
+
+
 def add_routes(app: web.Application) -> None:
     """Register the Zettle routes (with the `/subscriptions/uuid/{uuid}` alias, see routes.py).
     GET and DELETE never read a body: clients send `[]`."""
     routes.add(
         app,
         "/organizations/{organizationUuid}/subscriptions",
-        {"POST": create_subscription, "GET": list_subscriptions},
+        {"POST": create_subscription, "GET": list_subscriptions, "DELETE": delete_without_uuid},
     )
     routes.add(
         app,

@@ -142,6 +142,8 @@ async def subscription(request: web.Request) -> web.Response:
     if status and status not in LOG_STATUSES:
         raise web.HTTPBadRequest(reason="status must be pending, delivered or failed")
     event = q.get("event", "").strip()
+    if "\x00" in event:  # no event name has one, and PostgreSQL text cannot hold it
+        raise web.HTTPBadRequest(reason="event must be an event name")
     before = q.get("before", "")
     flt = LogFilter(
         status=status or None,

@@ -107,6 +107,8 @@ class HttpClient:
         self._idle_count = 0
         self._sweep: asyncio.TimerHandle | None = None
         self._dns: dict[tuple[str, int], tuple[float, list[AddrInfo]]] = {}
+        # Whether each origin's last answer left its connection open for the next request.
+        self._keeps_alive: dict[PoolKey, bool] = {}
         self._tls = tls  # default: the system's trust store, with host name checks
         self._closed = False
 
@@ -126,6 +128,9 @@ class HttpClient:
 
     def release(self, conn: Connection) -> None:
         """Pool a connection whose exchange is complete, or close it."""
+        if len(self._keeps_alive) > 4096:
+            self._keeps_alive.clear()
+        self._keeps_alive[conn.key] = conn.reusable
         if conn.closed or not conn.reusable or self._closed:
             conn.close()
             return
@@ -139,6 +144,11 @@ class HttpClient:
         self._idle_count += 1
         if self._sweep is None:
             self._sweep = conn.loop.call_at(conn.idle_since + KEEPALIVE_S, self._close_expired)
+
+    def keeps_alive(self, key: PoolKey) -> bool:
+        """Whether the origin's last answer left its connection open for reuse: its next
+        requests may then be written on connections the receiver already reads."""
+        return self._keeps_alive.get(key, False)
 
     def _close_expired(self) -> None:
         """The idle timer: close what has been idle KEEPALIVE_S, wake again for the next one."""

@@ -43,6 +43,12 @@ def envelope(d: ClaimedDelivery) -> bytes:
     )
 
 
+def answer_text(body: bytes) -> str:
+    """The kept start of an answer as text: undecodable bytes and NUL (which PostgreSQL text
+    cannot hold; one failed the whole group of records it was in) become U+FFFD."""
+    return body.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
+
+
 def origin_of(url: str) -> str:
     """scheme://host:port, the unit of per-destination limits and circuit breaking."""
     u = URL(url)
@@ -120,7 +126,8 @@ class Sender:
         self, d: ClaimedDelivery, ex: Exchange | None, on_sent: Callable[[], None] | None = None
     ) -> Outcome:
         """Wait for the answer of a started exchange, or run the whole attempt when ex is None;
-        on_sent fires once the request is written."""
+        on_sent fires once the request is written (on a new connection to an origin that keeps
+        connections alive: once it is answered, so that the next requests cannot overtake it)."""
         loop = asyncio.get_running_loop()
         started = ex.started if ex else time.perf_counter()
         deadline = ex.deadline if ex else loop.time() + self.timeout_s
@@ -131,6 +138,14 @@ class Sender:
                 conn = current = await self._open(t, deadline)
                 request = self.request(t, d)
                 waiter = current.send(request, deadline)
+                # A receiver takes up a new connection (accept, then read) after the requests
+                # already waiting on its open ones: the origin's next requests, written on
+                # those, would overtake this one. They wait for its answer instead (SPEC §5:
+                # events reach a subscriber in ingest order). A receiver that closes after
+                # every answer has no open ones: its next requests queue behind this one's
+                # connection in its accept backlog, in order.
+                if on_sent is not None and self.client.keeps_alive(t.key):
+                    on_sent = None  # the caller's on_sent after the answer releases them
             else:
                 t, request, waiter, current = ex.target, ex.request, ex.answer, ex.conn
             if on_sent is not None:
@@ -152,7 +167,7 @@ class Sender:
                 status_code=answer.status,
                 error=None,
                 duration_ms=(time.perf_counter() - started) * 1000,
-                body=answer.body.decode("utf-8", errors="replace"),
+                body=answer_text(answer.body),
                 retry_after_s=retry_after,
             )
         except asyncio.CancelledError:

@@ -154,6 +154,13 @@ class DeliveryQueue(Protocol):
         """Record an attempt; only the lease holder moves the delivery on."""
         ...
 
+    async def disable_overdue(
+        self, subscription: str, disable_after_ms: int
+    ) -> StatusChange | None:
+        """DISABLE a subscription FAILING for disable_after_ms or longer (none of its attempts
+        need have failed since: its origin may be paused); the change, or None."""
+        ...
+
     async def release(self, owner: str, ids: Sequence[int]) -> None:
         """Give leased deliveries back without spending an attempt, due at once."""
         ...

@@ -95,6 +95,33 @@ class Records:
         # Shielded: a caller given up on must not cancel the group's shared write.
         return await asyncio.shield(fut)
 
+    async def disable_overdue(
+        self, subscription: str, disable_after_ms: int
+    ) -> StatusChange | None:
+        """DISABLE a subscription FAILING for disable_after_ms or longer; the change, or None."""
+        now = self.clock.now_ms()  # failing_since_ms was set on the database's clock
+        async with self.pool.transaction() as conn:
+            # Locks in the order a record takes them: the subscription, then its queue row.
+            row = await conn.fetchrow(
+                "SELECT organization, contact_email, destination, status, failing_since_ms"
+                " FROM subscriptions WHERE uuid = $1 AND deleted_ms IS NULL FOR UPDATE",
+                subscription,
+            )
+            if row is None:
+                return None
+            org, email, destination, old, failing_since = row
+            if old != "FAILING" or failing_since is None or now - failing_since < disable_after_ms:
+                return None
+            await conn.execute(
+                "SELECT 1 FROM queues WHERE subscription = $1 FOR UPDATE", subscription
+            )
+            await self._store_status(
+                conn, subscription, [org, email, destination, "DISABLED", failing_since], now
+            )
+        self.changes.announce(Change("subscription_disabled", org, subscription))
+        reason = "failing continuously for longer than disable_after"
+        return StatusChange(subscription, org, email, destination, old, "DISABLED", reason)
+
     async def _record_groups(self) -> None:
         while self._records:
             batch, self._records = self._records, []

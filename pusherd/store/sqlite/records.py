@@ -98,6 +98,30 @@ class RecordStore:
             done.add_done_callback(lambda f: self._settle_records(f, taken))
         return await fut
 
+    async def disable_overdue(
+        self, subscription: str, disable_after_ms: int
+    ) -> StatusChange | None:
+        """DISABLE a subscription FAILING for disable_after_ms or longer; the change, or None."""
+
+        def write(conn: sqlite3.Connection) -> StatusChange | None:
+            row = conn.execute(
+                "SELECT status FROM subscriptions WHERE uuid = ? AND deleted_ms IS NULL",
+                (subscription,),
+            ).fetchone()
+            if row is None or row[0] != "FAILING":
+                return None  # an ACTIVE one would turn FAILING below
+            change = _status_change(conn, subscription, False, False, now_ms(), disable_after_ms)
+            if change is not None:
+                self.subscriptions_changed(change.organization)
+            return change
+
+        change = await self.db.write(write)
+        if change is not None:
+            self.changes.announce(
+                Change("subscription_disabled", change.organization, change.subscription)
+            )
+        return change
+
     def _settle_records(
         self, done: asyncio.Future[list[StatusChange | None]], taken: list[_Record]
     ) -> None:
