@@ -76,6 +76,19 @@ async def subscribe(
         return data
 
 
+async def backend_harness(
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    backend: str,
+    harness_factory: Callable[..., Awaitable[Harness]],
+) -> tuple[Harness, str]:
+    """An in-process daemon on the given backend, and a token of ORG with every scope."""
+    storage = {"url": request.getfixturevalue("pg_url")} if backend == "postgres" else {}
+    h = await harness_factory(make_config(tmp_path, storage=storage))
+    _, token = await h.runtime.store.create_token(ORG, ALL_SCOPES, "audit", None)
+    return h, token
+
+
 def event(message_id: str) -> dict[str, Any]:
     return {
         "eventName": "ProductCreated",
@@ -210,14 +223,12 @@ async def test_an_answer_with_nul_bytes_is_recorded_on_both_backends(
     of attempt records it was written with (other destinations' outcomes too), and the
     delivery, never recorded, went out again at every lease.
     """
-    storage = {"url": request.getfixturevalue("pg_url")} if backend == "postgres" else {}
-    h = await harness_factory(make_config(tmp_path, storage=storage))
+    h, token = await backend_harness(tmp_path, request, backend, harness_factory)
 
     async def nul(_: web.Request) -> web.Response:
         return web.Response(body=b"ok\x00\xffend")
 
     receiver = await receiver_factory(statuses=[nul])
-    _, token = await h.runtime.store.create_token(ORG, ALL_SCOPES, "audit", None)
     sub = await h.subscribe(token, receiver.url)
     await receiver.wait_for(1, "TestMessage")
     deadline = asyncio.get_running_loop().time() + 10
@@ -253,9 +264,7 @@ async def test_nul_characters_in_stored_fields_are_refused_on_both_backends(
     requests (all 500). On SQLite the same input was stored and sent on (a NUL timestamp in
     the envelope), though no ISO-8601 date or e-mail address contains one.
     """
-    storage = {"url": request.getfixturevalue("pg_url")} if backend == "postgres" else {}
-    h = await harness_factory(make_config(tmp_path, storage=storage))
-    _, token = await h.runtime.store.create_token(ORG, ALL_SCOPES, "audit", None)
+    h, token = await backend_harness(tmp_path, request, backend, harness_factory)
 
     async def ingest(**fields: Any) -> int:
         resp = await h.ingest.post("/events", json={**event(str(uuid.uuid4())), **fields})
@@ -293,9 +302,7 @@ async def test_a_console_log_filter_with_a_nul_character_is_400(
 ) -> None:
     """SPEC §9 (a subscription's delivery log filtered by event name) on PostgreSQL (§8): an
     event-name filter with a NUL character was a 500 there, an empty page on SQLite."""
-    storage = {"url": request.getfixturevalue("pg_url")} if backend == "postgres" else {}
-    h = await harness_factory(make_config(tmp_path, storage=storage))
-    _, token = await h.runtime.store.create_token(ORG, ALL_SCOPES, "audit", None)
+    h, token = await backend_harness(tmp_path, request, backend, harness_factory)
     sub = await h.subscribe(token, receiver.url)
     await sign_in(h.api, token)
     page = f"/console/subscriptions/{sub['uuid']}"
