@@ -28,7 +28,7 @@ from pusherd.store import Store, open_store
 from tests import loopback
 
 # A real PostgreSQL server for the tests that ask for it (pg_server, pg_url): tests/pg.py.
-pytest_plugins = ["tests.pg"]
+pytest_plugins = ["tests.pg", "pytester"]  # pytester: tests/test_loopback.py runs a pytest
 
 ORG = "5a0b9c1e-1d2f-4a3b-8c4d-111111111111"
 OTHER_ORG = "5a0b9c1e-1d2f-4a3b-8c4d-222222222222"
@@ -56,14 +56,25 @@ def loopback_guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             loopback.uninstall()
 
 
+@pytest.fixture
+def leaves_loopback() -> None:
+    """Asked for by a test whose point is an attempt to leave loopback (which the guard refuses):
+    a name that must not resolve, the guard's own tests."""
+
+
 @pytest.fixture(autouse=True)
 def _loopback_per_test(request: pytest.FixtureRequest, loopback_guard: Path) -> Iterator[None]:
-    """Note which test made refused attempts (its subprocesses' included)."""
+    """A test whose code (its subprocesses included) tried to leave loopback fails, unless it
+    asked for `leaves_loopback`: the guard kept the traffic in, but the test's set-up is wrong."""
     before = len(loopback.read_log(str(loopback_guard)))
     yield
     refused = loopback.read_log(str(loopback_guard))[before:]
     if refused:
         LEFT_LOOPBACK[request.node.nodeid] = refused
+        if "leaves_loopback" not in request.fixturenames:
+            pytest.fail(
+                f"the test tried to leave loopback (refused by tests/loopback.py): {refused}"
+            )
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,8 @@ from tests.test_spec_audit2 import serving, subscribe
 
 PUBLIC = "https://93.184.216.34/hook"  # a public IP literal: valid without DNS
 HarnessFactory = Callable[..., Awaitable[Harness]]
+# Every test here tries to leave loopback on purpose, to see the guard refuse it.
+pytestmark = pytest.mark.usefixtures("leaves_loopback")
 
 
 async def wait_for(check: Callable[[], bool], limit_s: float = 10.0) -> None:
@@ -154,3 +157,35 @@ async def test_a_pusherd_serve_subprocess_is_guarded(tmp_path: Path, loopback_gu
         await subscribe(session, service, token, PUBLIC)
         await wait_for(lambda: wanted in loopback.read_log(str(loopback_guard))[before:])
         assert wanted not in loopback.attempts()[here:]  # refused over there, not in this process
+
+
+def test_a_test_that_leaves_loopback_without_saying_so_fails(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The autouse check of tests/conftest.py, on a test that forgot `leaves_loopback`.
+    root = str(Path(__file__).resolve().parent.parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([root, os.environ["PYTHONPATH"]]))
+    pytester.makeconftest("pytest_plugins = ['tests.conftest']")
+    pytester.makepyfile(
+        """
+        import socket
+
+        def test_public():
+            with socket.socket() as s:
+                assert s.connect_ex(("93.184.216.34", 443)) != 0
+
+        def test_declared(leaves_loopback):
+            with socket.socket() as s:
+                assert s.connect_ex(("93.184.216.34", 443)) != 0
+
+        def test_loopback_only():
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                s.listen()
+                with socket.create_connection(s.getsockname()):
+                    pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3, errors=1)
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_public*", "*tried to leave loopback*"])
