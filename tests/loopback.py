@@ -12,13 +12,15 @@ two places where a Python process starts talking to another host:
   before the real connect is called. Unix sockets pass.
 - `socket.getaddrinfo`: a DNS query is traffic to the resolver, so a name other than localhost is
   answered as an unknown name (EAI_NONAME) without a query. Numeric hosts pass.
+- uvloop (which `pusherd serve` runs on) looks names up and connects to a host and port in C,
+  past those two: its `Loop.getaddrinfo` and `Loop.create_connection` get the same checks.
 
 Each refusal is recorded (`attempts()`), and appended to the file named by $PUSHERD_TEST_OUTBOUND
 when set, so that `pusherd` subprocesses, which install the guard from `tests/loopback_site`
 (`tests/service.py` puts it on their PYTHONPATH), report theirs to the test session.
 
-Not covered: connections made below Python (uvloop's or libuv's own `create_connection` to a host
-and port, libpq), which the code under test does not use for destinations.
+Not covered: other connections made below Python (libpq, programs that are not Python: the
+PostgreSQL server, Chromium), and datagrams sent with `sendto` without a connect.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ _lock = threading.Lock()
 _real_connect = socket.socket.connect
 _real_connect_ex = socket.socket.connect_ex
 _real_getaddrinfo = socket.getaddrinfo
+_real_uv: dict[str, Any] = {}  # uvloop.Loop's own getaddrinfo and create_connection
 _installed = False
 
 
@@ -127,12 +130,35 @@ def _connect_ex(self: socket.socket, address: Any) -> int:
 
 
 def _getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+    _check_name(host, port)
+    return _real_getaddrinfo(host, port, *args, **kwargs)
+
+
+def _check_name(host: Any, port: Any) -> None:
+    """Refuse (and record) a lookup of a name other than localhost."""
+    if host is None:
+        return
+    name = host.decode() if isinstance(host, bytes) else str(host)
+    if not is_loopback_host(name) and not _numeric(name):
+        _record("getaddrinfo", name, port if isinstance(port, int) else None)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+
+async def _uv_getaddrinfo(self: Any, host: Any, port: Any, **kwargs: Any) -> Any:
+    _check_name(host, port)
+    return await _real_uv["getaddrinfo"](self, host, port, **kwargs)
+
+
+async def _uv_create_connection(
+    self: Any, protocol_factory: Any, host: Any = None, port: Any = None, **kwargs: Any
+) -> Any:
     if host is not None:
         name = host.decode() if isinstance(host, bytes) else str(host)
-        if not is_loopback_host(name) and not _numeric(name):
-            _record("getaddrinfo", name, port if isinstance(port, int) else None)
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-    return _real_getaddrinfo(host, port, *args, **kwargs)
+        if _numeric(name) and not is_loopback_host(name):
+            _record("connect", name, port)
+            raise _refused(name, port)
+        _check_name(name, port)
+    return await _real_uv["create_connection"](self, protocol_factory, host, port, **kwargs)
 
 
 def _numeric(host: str) -> bool:
@@ -153,6 +179,17 @@ def install() -> None:
     socket.socket.connect = _connect  # type: ignore[method-assign,assignment]
     socket.socket.connect_ex = _connect_ex  # type: ignore[method-assign,assignment]
     socket.getaddrinfo = _getaddrinfo
+    try:
+        import uvloop
+    except ImportError:
+        return
+    # uvloop.Loop is a Python subclass of the compiled loop: its methods can be wrapped.
+    for name, wrapper in (
+        ("getaddrinfo", _uv_getaddrinfo),
+        ("create_connection", _uv_create_connection),
+    ):
+        _real_uv.setdefault(name, getattr(uvloop.Loop, name))
+        setattr(uvloop.Loop, name, wrapper)
 
 
 def uninstall() -> None:
@@ -162,3 +199,8 @@ def uninstall() -> None:
     socket.socket.connect = _real_connect  # type: ignore[method-assign]
     socket.socket.connect_ex = _real_connect_ex  # type: ignore[method-assign]
     socket.getaddrinfo = _real_getaddrinfo
+    if _real_uv:
+        import uvloop
+
+        for name, real in _real_uv.items():
+            setattr(uvloop.Loop, name, real)

@@ -88,10 +88,17 @@ async def test_a_harness_delivering_to_a_public_address_meets_a_refused_connecti
 
 
 def test_the_guard_holds_on_uvloop(reached: list[Any]) -> None:
-    # `pusherd serve` runs on uvloop, whose sock_connect is its own.
+    # `pusherd serve` runs on uvloop, whose sock_connect, getaddrinfo and create_connection are
+    # its own.
     async def connect() -> None:
         client = HttpClient(allow_private=False, max_idle=1)
         try:
+            with pytest.raises(OSError):
+                await client.connect(target("https://hooks.example.net/hook", "t"), 5)
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.get_running_loop().create_connection(
+                    asyncio.Protocol, "93.184.216.34", 25
+                )
             await client.connect(target("https://93.184.216.34:8443/hook", "t"), 5)
         finally:
             await client.close()
@@ -99,7 +106,11 @@ def test_the_guard_holds_on_uvloop(reached: list[Any]) -> None:
     before = len(loopback.attempts())
     with pytest.raises(ConnectionRefusedError):
         uvloop.run(connect())
-    assert loopback.attempts()[before:] == [loopback.Attempt("connect", "93.184.216.34", 8443)]
+    assert loopback.attempts()[before:] == [
+        loopback.Attempt("getaddrinfo", "hooks.example.net", 443),
+        loopback.Attempt("connect", "93.184.216.34", 25),
+        loopback.Attempt("connect", "93.184.216.34", 8443),
+    ]
     assert only_loopback(reached), reached
 
 
