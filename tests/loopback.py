@@ -3,7 +3,7 @@
 The project's rule is that tests and load only ever talk to 127.0.0.1 / localhost, yet several
 tests need public destinations (`https://93.184.216.34/hook`) so that destination validation
 accepts them, and a daemon that delivers would really try to reach them. `install()` wraps the
-two places where a Python process starts talking to another host:
+places where a Python process starts talking to another host:
 
 - `socket.socket.connect` / `connect_ex`: every Python-level connection starts there, whichever
   path leads to it: asyncio's and uvloop's `sock_connect` (the delivery client's Happy Eyeballs
@@ -16,8 +16,9 @@ two places where a Python process starts talking to another host:
   past those two: its `Loop.getaddrinfo` and `Loop.create_connection` get the same checks.
 
 Each refusal is recorded (`attempts()`), and appended to the file named by $PUSHERD_TEST_OUTBOUND
-when set, so that `pusherd` subprocesses, which install the guard from `tests/loopback_site`
-(`tests/service.py` puts it on their PYTHONPATH), report theirs to the test session.
+when set, so that subprocesses report theirs to the test session: `tests/conftest.py` installs the
+guard for the session and puts `tests/loopback_site` on PYTHONPATH, so every Python subprocess the
+tests start (`pusherd serve`, the CLI) installs it too.
 
 Not covered: other connections made below Python (libpq, programs that are not Python: the
 PostgreSQL server, Chromium), and datagrams sent with `sendto` without a connect.

@@ -1,6 +1,6 @@
-"""Installs the tests' loopback guard (tests/loopback.py) in a `pusherd` subprocess of the tests.
+"""Installs the tests' loopback guard (tests/loopback.py) in every Python subprocess of the tests.
 
-tests/service.py puts this directory on the subprocess' PYTHONPATH; Python imports sitecustomize
+tests/conftest.py puts this directory on PYTHONPATH for the session; Python imports sitecustomize
 at start-up, before `-m pusherd` runs. The guard is loaded from its file so that the daemon's
 sys.path stays as it would be.
 """
