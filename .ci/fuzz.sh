@@ -52,7 +52,12 @@ org="$(python3 -c 'import uuid; print(uuid.uuid4())')"
 token="$(pusherd token create --config "$work/pusherd.toml" --org "$org" \
     --scope READ:PURCHASE --scope READ:FINANCE --scope READ:USERINFO --scope READ:PRODUCT --name fuzz)"
 
-pusherd serve --config "$work/pusherd.toml" >"$work/pusherd.log" 2>&1 &
+# The daemon runs under the tests' loopback guard (tests/loopback.py, installed by the sitecustomize
+# of tests/loopback_site): schemathesis also makes up destinations, which this daemon accepts and
+# delivers to. The guard refuses those attempts as refused connections (and names as unknown) and
+# lists them in $work/refused.log: nothing leaves loopback.
+PYTHONPATH="$PWD/tests/loopback_site${PYTHONPATH:+:$PYTHONPATH}" PUSHERD_TEST_OUTBOUND="$work/refused.log" \
+    pusherd serve --config "$work/pusherd.toml" >"$work/pusherd.log" 2>&1 &
 pid=$!
 
 healthy() {
@@ -131,6 +136,10 @@ if grep -q '"request_crashed"' "$work/pusherd.log"; then
     echo "fuzz: pusherd logged crashed requests:" >&2
     grep '"request_crashed"' "$work/pusherd.log" | head -20 >&2
     status=1
+fi
+if [ -s "$work/refused.log" ]; then
+    echo "fuzz: the loopback guard refused $(wc -l <"$work/refused.log") attempts to leave loopback, e.g.:"
+    sort -u "$work/refused.log" | head -5
 fi
 if [ "$status" -ne 0 ]; then
     echo "fuzz: FAILED (daemon log tail follows)" >&2

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,14 +25,66 @@ from pusherd.httpserver import AppRunner
 from pusherd.keys import INGEST_APP, RUNTIME
 from pusherd.runtime import Runtime
 from pusherd.store import Store, open_store
+from tests import loopback
 
 # A real PostgreSQL server for the tests that ask for it (pg_server, pg_url): tests/pg.py.
-pytest_plugins = ["tests.pg"]
+pytest_plugins = ["tests.pg", "pytester"]  # pytester: tests/test_loopback.py runs a pytest
 
 ORG = "5a0b9c1e-1d2f-4a3b-8c4d-111111111111"
 OTHER_ORG = "5a0b9c1e-1d2f-4a3b-8c4d-222222222222"
 ALL_SCOPES = ("READ:PURCHASE", "READ:FINANCE", "READ:USERINFO", "READ:PRODUCT")
 T = TypeVar("T")
+SITE = Path(__file__).resolve().parent / "loopback_site"  # installs the guard in subprocesses
+# Tests whose code tried to leave loopback (refused by the guard), for the end-of-run summary.
+LEFT_LOOPBACK: dict[str, list[loopback.Attempt]] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def loopback_guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """No test talks to anything but loopback (tests/loopback.py): in this process, and in every
+    Python subprocess the tests start (PYTHONPATH runs tests/loopback_site/sitecustomize.py
+    there). Yields the file where all of them record the attempts they refused."""
+    log = tmp_path_factory.mktemp("loopback") / "refused.log"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(loopback.ENV_LOG, str(log))
+        paths = [str(SITE), *filter(None, [os.environ.get("PYTHONPATH")])]
+        mp.setenv("PYTHONPATH", os.pathsep.join(paths))
+        loopback.install()
+        try:
+            yield log
+        finally:
+            loopback.uninstall()
+
+
+@pytest.fixture
+def leaves_loopback() -> None:
+    """Asked for by a test whose point is an attempt to leave loopback (which the guard refuses):
+    a name that must not resolve, the guard's own tests."""
+
+
+@pytest.fixture(autouse=True)
+def _loopback_per_test(request: pytest.FixtureRequest, loopback_guard: Path) -> Iterator[None]:
+    """A test whose code (its subprocesses included) tried to leave loopback fails, unless it
+    asked for `leaves_loopback`: the guard kept the traffic in, but the test's set-up is wrong."""
+    before = len(loopback.read_log(str(loopback_guard)))
+    yield
+    refused = loopback.read_log(str(loopback_guard))[before:]
+    if refused:
+        LEFT_LOOPBACK[request.node.nodeid] = refused
+        if "leaves_loopback" not in request.fixturenames:
+            pytest.fail(
+                f"the test tried to leave loopback (refused by tests/loopback.py): {refused}"
+            )
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """List the tests whose code tried to leave loopback (the guard refused every attempt)."""
+    if not LEFT_LOOPBACK:
+        return
+    terminalreporter.section("loopback guard: refused attempts to leave loopback")
+    for nodeid, refused in LEFT_LOOPBACK.items():
+        targets = sorted({f"{a.kind} {a.host}:{a.port}" for a in refused})
+        terminalreporter.write_line(f"{nodeid}: {len(refused)} ({', '.join(targets)})")
 
 
 def with_store(path: str, use: Callable[[Store], Awaitable[T]]) -> T:
