@@ -474,3 +474,28 @@ async def test_deliveries_of_a_subscription_share_one_message_uuid_per_event(
     await b.wait_for(1, "ProductCreated")
     assert a.events("ProductCreated")[0]["messageUuid"] == answer["messageUuid"]
     assert b.events("ProductCreated")[0]["messageUuid"] == answer["messageUuid"]
+
+
+async def test_a_hanging_answer_on_a_new_connection_holds_the_next_request_briefly(
+    harness_factory: HarnessFactory, receiver: Receiver
+) -> None:
+    # A request on a new connection to a keep-alive receiver holds the origin's next ones so
+    # that they cannot overtake it (SPEC §5), until it is answered or 0.5 s have passed: a
+    # receiver that hangs must not cut the origin to one attempt until its timeout (30 s).
+    h = await harness_factory(delivery={"per_destination": 3})
+    await subscribed(h, receiver)  # its TestMessage leaves a keep-alive connection pooled
+    for i in range(2):  # successes raise the origin's slow start to 3 attempts
+        await h.emit(messageId=f"ok{i}")
+        await receiver.wait_for(1 + i, "ProductCreated", timeout=5)
+    release = asyncio.Event()
+    receiver.statuses = [hold(release)] * 3
+    try:
+        for i in range(3):  # one at a time: the first reuses the pooled connection
+            await h.emit(messageId=f"m{i}")
+            await receiver.wait_for(3 + i, "ProductCreated", timeout=5)
+        at = [r.at for r in receiver.requests[3:]]
+        # The second opened a new connection and hangs; the third went 0.5 s after it.
+        assert 0.4 <= at[2] - at[1] < 1.5, at
+    finally:
+        release.set()
+    await receiver.wait_for(6, timeout=5)

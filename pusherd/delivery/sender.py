@@ -132,6 +132,7 @@ class Sender:
         started = ex.started if ex else time.perf_counter()
         deadline = ex.deadline if ex else loop.time() + self.timeout_s
         conn = ex.conn if ex else None
+        hold: asyncio.TimerHandle | None = None
         try:
             if ex is None:
                 t = target(d.destination, USER_AGENT)
@@ -143,8 +144,12 @@ class Sender:
                 # those, would overtake this one. They wait for its answer instead (SPEC §5:
                 # events reach a subscriber in ingest order). A receiver that closes after
                 # every answer has no open ones: its next requests queue behind this one's
-                # connection in its accept backlog, in order.
+                # connection in its accept backlog, in order. A receiver that takes its time
+                # to answer has read the request long before: the hold ends after
+                # NEW_CONNECTION_HOLD_S all the same, so that it does not cut the origin's
+                # concurrency to one attempt until an answer or the timeout.
                 if on_sent is not None and self.client.keeps_alive(t.key):
+                    hold = loop.call_later(NEW_CONNECTION_HOLD_S, on_sent)
                     on_sent = None  # the caller's on_sent after the answer releases them
             else:
                 t, request, waiter, current = ex.target, ex.request, ex.answer, ex.conn
@@ -182,6 +187,9 @@ class Sender:
             error = f"TLS error: {exc}"[:500]
         except (OSError, ValueError) as exc:
             error = f"{type(exc).__name__}: {exc}"[:500]
+        finally:
+            if hold is not None:
+                hold.cancel()
         if conn is not None:
             conn.close()
         return Outcome(
@@ -197,6 +205,10 @@ class Sender:
             return await self.client.connect(t, deadline - asyncio.get_running_loop().time())
 
 
+# A request on a new connection to a keep-alive receiver holds the origin's next requests
+# until answered, or this long at most (a receiver accepts and reads a new connection within
+# milliseconds; one that hangs must not hold the others for its whole timeout).
+NEW_CONNECTION_HOLD_S = 0.5
 IDLE_CLOSE_MIN_S = 0.5  # idle at least this long before reuse: a server's idle timeout may hit it
 RACE_WINDOW_S = 0.05  # lost this soon after the write: the close was already on its way
 
