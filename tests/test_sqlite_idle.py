@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from pusherd.delivery.dispatcher import IDLE_POLL_S, POLL_S
 from pusherd.store import Store, open_store
 from pusherd.store.sqlite.db import Database
 from pusherd.store.types import NewEvent, NewSubscription
@@ -191,8 +192,9 @@ async def test_an_idle_daemons_poll_claims_nothing_until_something_is_committed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Idle, the poll's one question is whether anything was committed since the last one
-    # (SQLite's data_version): the claim and its walk of the origins stay asleep. A replay
-    # by another process (the CLI) is a commit: the next poll claims it.
+    # (SQLite's data_version): the claim and its walk of the origins stay asleep, and after
+    # three such polls it asks every 4 s. A replay by another process (the CLI) is a commit:
+    # the next poll claims it.
     h = await harness_factory()
     receiver = await receiver_factory()
     sub = await h.subscribe(h.token(), receiver.url)
@@ -220,8 +222,10 @@ async def test_an_idle_daemons_poll_claims_nothing_until_something_is_committed(
         assert time.monotonic() < deadline, "no poll found the database unchanged"
         await asyncio.sleep(0.05)
     claims, quiet = 0, 0
-    await asyncio.sleep(3.3)  # the window observed: three polls
-    assert quiet >= 2, quiet
+    # The window observed: two more polls a second apart, then, three quiet polls in a row,
+    # one every IDLE_POLL_S (4 s): three, where a poll a second would have made seven.
+    await asyncio.sleep(2 * POLL_S + IDLE_POLL_S + 1.0)
+    assert 2 <= quiet <= 4, quiet
     assert claims == 0
 
     config = tmp_path / "cli.toml"
@@ -229,5 +233,5 @@ async def test_an_idle_daemons_poll_claims_nothing_until_something_is_committed(
     code, out, err = await run_cli_async("replay", "--config", str(config), "--subscription",
                                          sub["uuid"])  # fmt: skip
     assert code == 0 and "queued 1 " in out, err
-    await receiver.wait_for(2, "TestMessage", timeout=3)
+    await receiver.wait_for(2, "TestMessage", timeout=IDLE_POLL_S + 2)
     assert claims >= 1

@@ -43,6 +43,11 @@ from pusherd.store.types import ClaimedDelivery, Handover, StatusChange
 log = structlog.get_logger("pusherd.delivery")
 
 POLL_S = 1.0  # rows queued by other means (another process, the CLI) are found this soon
+# ... unless QUIET_POLLS polls in a row found nothing committed (an idle SQLite daemon; on
+# PostgreSQL every poll looks): then it polls every IDLE_POLL_S, since each wake-up of an idle
+# process is what its idle CPU is made of. Everything this process writes still wakes it at once.
+QUIET_POLLS = 3
+IDLE_POLL_S = 4.0
 PRUNE_EVERY_S = 5.0  # idle origins are looked for this often, and after subscription changes
 # Changes after which rows claimed before them are stale.
 STALE_ROWS = frozenset(
@@ -88,6 +93,7 @@ class Dispatcher(Attempts):
         self._discovered_at = 0.0  # monotonic
         self._next_due_ms: int | None = None  # the last claim's earliest due time after then
         self._active = True  # a cycle ran its claim since the last look for origins to forget
+        self._quiet_polls = 0  # polls in a row that found nothing committed
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -240,10 +246,12 @@ class Dispatcher(Attempts):
             self._discovered_at = now
             if self._active and now >= self._prune_at:
                 await self._forget_idle_origins(now)  # once after the last claims, then no more
+            self._quiet_polls += 1
+            poll_s = IDLE_POLL_S if self._quiet_polls >= QUIET_POLLS else POLL_S
             if self._next_due_ms is None:
-                return POLL_S
-            return max(0.0, min(POLL_S, (self._next_due_ms - wall_ms) / 1000))
-        self._active = True
+                return poll_s
+            return max(0.0, min(poll_s, (self._next_due_ms - wall_ms) / 1000))
+        self._active, self._quiet_polls = True, 0
         if now >= self._prune_at:
             await self._forget_idle_origins(now)
         next_ms = wall_ms + int(POLL_S * 1000)
