@@ -17,6 +17,7 @@ from pusherd.store.sqlite.ops import BackupStore
 from pusherd.store.sqlite.records import RecordStore
 from pusherd.store.sqlite.subscriptions import SubscriptionStore
 from pusherd.store.sqlite.tokens import TokenStore
+from pusherd.store.sqlite.wake import WakeListener, send_wake
 
 
 class SqliteStore(
@@ -31,7 +32,8 @@ class SqliteStore(
         self.ingest_group = None
         self.taker = None
         self._records = []
-        self.changes = ChangeFeed()  # in-process on SQLite
+        self.changes = ChangeFeed()  # in-process on SQLite (and a wake-up across, wake.py)
+        self._wake: WakeListener | None = None
         self.console: ConsoleStore = SqliteConsoleStore(db)
         # Writes of this process forget cached fan-out targets inside the write itself (a later
         # write of the same group commit must not see a stale list); the feed does it for the
@@ -46,8 +48,23 @@ class SqliteStore(
         """Forget an organization's cached fan-out targets (inside the write that changed it)."""
         self.targets_cache.pop(organization, None)
 
+    def connect_processes(self) -> None:
+        """Carry deliveries queued by one process to the daemon serving the file: the daemon's
+        store (background) listens, a command's store tells it (see wake.py)."""
+        if self.db.background:
+            self._wake = WakeListener(
+                self.db.path, lambda: self.changes.announce(Change("deliveries_queued"))
+            )
+        else:
+            path = self.db.path
+            self.changes.subscribe(
+                lambda c: send_wake(path) if c.kind == "deliveries_queued" else None
+            )
+
     async def close(self) -> None:
         """Flush and close the database."""
+        if self._wake is not None:
+            self._wake.close()
         await self.db.close()
 
 
@@ -62,7 +79,9 @@ async def open_sqlite(path: str, *, background: bool = True) -> SqliteStore:
     except (sqlite3.Error, OSError) as exc:
         await db.close()
         raise StoreError(f"cannot open database {path}: {exc}") from None
-    return SqliteStore(db)
+    store = SqliteStore(db)
+    store.connect_processes()
+    return store
 
 
 __all__ = ["Database", "SqliteStore", "open_sqlite"]
