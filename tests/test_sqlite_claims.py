@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from typing import Any
 
-from pusherd.store.types import Claim, NewSubscription
+from pusherd.store.types import Claim
 from tests.conftest import ORG, Harness
+from tests.test_sqlite_idle import subscribe_many
 
 SUBSCRIPTIONS = 3000
 
@@ -18,24 +18,7 @@ async def test_an_idle_cycle_reads_the_due_index_only_whatever_the_subscriptions
 ) -> None:
     h = harness
     store: Any = h.runtime.store
-    await asyncio.gather(
-        *(
-            store.create_subscription(
-                NewSubscription(
-                    str(uuid.uuid4()),
-                    ORG,
-                    "WEBHOOK",
-                    (),
-                    ("READ:PRODUCT",),
-                    f"http://127.0.0.1:9/{i % 50}",
-                    None,
-                    "k" * 32,
-                ),
-                None,
-            )
-            for i in range(SUBSCRIPTIONS)
-        )
-    )
+    await subscribe_many(store, SUBSCRIPTIONS, ORG)
     statements: list[str] = []
     for conn in (store.db._quick, store.db._writer):
         conn.set_trace_callback(statements.append)
