@@ -258,3 +258,16 @@ async def test_a_wake_with_nobody_listening_is_harmless_and_a_second_daemon_stil
     finally:
         await second.close()
         await first.close()
+
+
+async def test_only_a_claim_settles_what_may_have_changed(store: Any) -> None:
+    # A poll that looked but did not claim (no budget, a hand-back settling) must not use up
+    # the news of a commit: the next poll would then skip the claim, and a retry written
+    # meanwhile wait for the idle poll.
+    await store.claim("me", {}, 4, 100, 60_000)
+    assert not await store.may_have_changed()
+    await subscribe_many(store, 1)
+    assert await store.may_have_changed()
+    assert await store.may_have_changed()  # still: no claim has read it
+    await store.claim("me", {}, 4, 100, 60_000)
+    assert not await store.may_have_changed()

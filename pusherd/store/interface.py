@@ -114,9 +114,9 @@ class DeliveryQueue(Protocol):
         ...
 
     async def may_have_changed(self) -> bool:
-        """Whether anything may have been committed, by any process, since the last call (True
-        when the backend cannot tell). With nothing committed and no due time reached, what
-        the last claim found still holds: the dispatcher's poll then asks nothing more."""
+        """Whether anything may have been committed, by any process, since the last claim read
+        the queues (True when the backend cannot tell). With nothing committed and no due time
+        reached, what that claim found still holds: the dispatcher's poll then asks nothing more."""
         ...
 
     async def claim(

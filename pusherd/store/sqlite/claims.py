@@ -158,7 +158,7 @@ class ClaimStore:
 
     db: Database
     changes: ChangeFeed
-    _data_version = -1  # the quick reader's, at the last may_have_changed()
+    _data_version = -1  # the quick reader's, when the last claim read the queues
 
     async def due_at(self, blocked: Collection[str] = ()) -> int | None:
         """The earliest next due time of any queue whose origin is not blocked (None: none)."""
@@ -171,11 +171,13 @@ class ClaimStore:
         return None if rows[0][0] is None else int(rows[0][0])
 
     async def may_have_changed(self) -> bool:
-        """Whether a commit (of this process or another) happened since the last call: SQLite's
-        data_version of the quick reader, one call that reads no page."""
-        version = int(self.db.read_now("PRAGMA data_version")[0][0])
-        changed, self._data_version = version != self._data_version, version
-        return changed
+        """Whether a commit (of this process or another) happened since the last claim read the
+        queues: SQLite's data_version of the quick reader, one call that reads no page. Only a
+        claim moves the mark, so a look that did not claim cannot lose a commit."""
+        return self._version() != self._data_version
+
+    def _version(self) -> int:
+        return int(self.db.read_now("PRAGMA data_version")[0][0])
 
     async def origins_in_use(self, origins: Collection[str]) -> set[str]:
         """Those of these origins that some deliverable subscription points at."""
@@ -206,6 +208,7 @@ class ClaimStore:
         nothing is due.
         """
         now = now_ms()
+        self._data_version = self._version()  # before the read: a later commit shows as a change
         plan, more, next_due = self._plan(now, room, default_room, max(budget, 0), default_total)
         if not plan:
             return Claim([], more, next_due)
