@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,6 +16,7 @@ import pytest
 
 from pusherd.delivery.dispatcher import IDLE_POLL_S, POLL_S
 from pusherd.store import Store, open_store
+from pusherd.store.sqlite import db as sqlite_db
 from pusherd.store.sqlite.db import Database
 from pusherd.store.types import NewEvent, NewSubscription
 from tests.conftest import Harness, Receiver
@@ -271,3 +273,38 @@ async def test_only_a_claim_settles_what_may_have_changed(store: Any) -> None:
     assert await store.may_have_changed()  # still: no claim has read it
     await store.claim("me", {}, 4, 100, 60_000)
     assert not await store.may_have_changed()
+
+
+def file_size(path: Path) -> int:
+    return path.stat().st_size
+
+
+async def test_the_wal_starts_over_under_writes_that_never_pause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A checkpoint beside the writer never catches up with a writer that never pauses, so
+    # SQLite never started the WAL over: creating 100,000 subscriptions grew it to 2.4 GB, and
+    # the creation rate fell as every page read searched a longer WAL index. The writer now
+    # finishes the checkpoint between two commits, and the WAL stays short however much is
+    # written.
+    monkeypatch.setattr(sqlite_db, "CHECKPOINT_EVERY_S", 0.02)
+    path = tmp_path / "pusherd.sqlite3"
+    db = Database(path)
+    await db.open()
+    try:
+        await db.write(lambda c: c.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)"))
+        blob = os.urandom(8192)
+        wal = Path(f"{path}-wal")
+        largest = written = 0
+        for i in range(3000):  # 3000 commits of 8 KiB rows plus their pages: ~ 40 MB of WAL
+            await db.write(lambda c, i=i: c.execute("INSERT INTO t VALUES (?, ?)", (i, blob)))
+            written += len(blob)
+            if i % 50 == 0:
+                largest = max(largest, file_size(wal))
+                await asyncio.sleep(0)  # the checkpointer's task gets its turn
+        assert written > 20 * 1024 * 1024
+        assert largest < 12 * 1024 * 1024, f"WAL grew to {largest >> 20} MiB"
+        rows = await db.read("SELECT count(*) FROM t")
+        assert rows[0][0] == 3000
+    finally:
+        await db.close()

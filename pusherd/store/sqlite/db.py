@@ -30,6 +30,12 @@ log = structlog.get_logger("pusherd.store")
 BUSY_TIMEOUT_MS = 5000
 GROUP_WINDOW_S = 0.005
 CHECKPOINT_EVERY_S = 0.5
+# WAL frames (pages) left after a checkpoint beyond which the writer finishes the job between
+# two commits (SQLite's own auto-checkpoint size). Under writes that never pause, a checkpoint
+# beside the writer never catches up with it, and the WAL would never start over.
+WAL_RESTART_FRAMES = 1000
+# The size a WAL file is cut back to when it starts over (SQLite keeps its largest size otherwise).
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 
 def migrations() -> list[tuple[int, str]]:
@@ -125,6 +131,13 @@ def _commit_now(conn: sqlite3.Connection) -> None:
     conn.execute("COMMIT")
 
 
+def _checkpoint_writer(conn: sqlite3.Connection) -> None:
+    """A checkpoint by the writer between two commits: no commit of this process can come
+    between its start and its end, so it copies every frame (unless a reader still needs one)
+    and the next write starts the WAL over."""
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+
 WriteFn = Callable[[sqlite3.Connection], Any]
 _Write = tuple[WriteFn, "asyncio.Future[Any]", bool]  # (fn, its future, durable)
 
@@ -157,6 +170,7 @@ class Database:
         self._later: asyncio.TimerHandle | None = None
         self._in_flight: asyncio.Future[None] | None = None  # a COMMIT on the syncer thread
         self._written = False  # committed since the last checkpoint
+        self._catch_up = False  # the last checkpoint left a long WAL: the writer finishes it
 
     async def open(self) -> None:
         """Open, configure and migrate the file; checkpoint the WAL off the event loop."""
@@ -164,6 +178,7 @@ class Database:
         # A checkpoint inside a commit would stall the writer for its fsyncs: the reader's
         # thread runs them instead.
         self._writer.execute("PRAGMA wal_autocheckpoint = 0")
+        self._writer.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         self._quick = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._quick.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         self._quick.execute("PRAGMA query_only = ON")
@@ -214,9 +229,20 @@ class Database:
         return True
 
     async def checkpoint(self) -> None:
-        """Copy committed WAL pages into the database file (PASSIVE: never blocks writers)."""
-        if self._reader is not None:
-            await self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        """Copy committed WAL pages into the database file (PASSIVE: never blocks writers).
+
+        The writer keeps committing meanwhile, so under a steady load the WAL is never wholly
+        copied here and SQLite never starts it over: it grew by gigabytes while 100,000
+        subscriptions were created, and every page read searched a longer WAL index. When
+        more than WAL_RESTART_FRAMES are left, the writer copies the rest after its next
+        commit (a few frames, with nothing else writing), and the write after it starts over.
+        """
+        if self._reader is None:
+            return
+        async with self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)") as cur:
+            row = await cur.fetchone()
+        if row is not None and self.background and int(row[1]) >= WAL_RESTART_FRAMES:
+            self._catch_up = True
 
     async def close(self) -> None:
         """Flush waiting writes, checkpoint, and close every connection."""
@@ -350,15 +376,39 @@ class Database:
                 self._failed(batch, exc)
             else:
                 self._settle(batch, results)
-            if self._urgent and not any(d for _, _, d in self._urgent):
-                # Leases waiting for this commit go first, without an fsync, so that a claim
-                # never waits for two commits.
-                leases, self._urgent = self._urgent, []
-                self._commit(leases)
-            if self._urgent or self._deferred:
-                self._flush_all()  # everything that queued up meanwhile: the next group
+            if self._catch_up and not self._closing:
+                self._finish_checkpoint(conn)
+            else:
+                self._next_group()
 
         self._in_flight.add_done_callback(committed)
+
+    def _finish_checkpoint(self, conn: sqlite3.Connection) -> None:
+        """The rest of a checkpoint, by the writer on its thread; the next group waits for it."""
+        self._catch_up = False
+        assert self._syncer is not None
+        self._in_flight = asyncio.get_running_loop().run_in_executor(
+            self._syncer, _checkpoint_writer, conn
+        )
+
+        def finished(done: asyncio.Future[None]) -> None:
+            self._in_flight = None
+            exc = done.exception()
+            if exc is not None:
+                log.warning("checkpoint_failed", error=str(exc))
+            self._next_group()
+
+        self._in_flight.add_done_callback(finished)
+
+    def _next_group(self) -> None:
+        """After a commit on the syncer thread: the writes that queued up meanwhile."""
+        if self._urgent and not any(d for _, _, d in self._urgent):
+            # Leases waiting for this commit go first, without an fsync, so that a claim
+            # never waits for two commits.
+            leases, self._urgent = self._urgent, []
+            self._commit(leases)
+        if self._urgent or self._deferred:
+            self._flush_all()  # everything that queued up meanwhile: the next group
 
     def _failed(self, batch: list[_Write], exc: BaseException) -> None:
         conn = self.writer
