@@ -516,7 +516,7 @@ def batch_baseline(workdir: Path, n: int, org: str) -> float:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     sys.path.insert(0, str(ROOT))
     from pusherd.store.ids import IdSource
-    from pusherd.store.sqlite.db import connect_sync
+    from pusherd.store.sqlite.schema import connect_sync
 
     path = workdir / f"baseline-{uuid.uuid4().hex[:8]}.sqlite3"
     conn = connect_sync(path)  # WAL, synchronous=FULL, the real schema

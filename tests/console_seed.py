@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import orjson
 
 from pusherd.clock import iso_ms, now_ms
-from pusherd.store.sqlite.db import connect_sync
+from pusherd.store.sqlite.schema import connect_sync
 from pusherd.units import parse_duration
 
 FAIL_EVERY = 20  # one delivery in 20 fails

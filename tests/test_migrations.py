@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from pusherd.store.errors import SchemaTooNewError
 from pusherd.store.sqlite import SqliteStore
-from pusherd.store.sqlite.db import (
-    SchemaTooNewError,
+from pusherd.store.sqlite.schema import (
     configure,
     connect_sync,
     latest_version,

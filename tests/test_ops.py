@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from pusherd.store.sqlite.db import latest_version, migrate
+from pusherd.store.sqlite.schema import latest_version, migrate
 from tests.conftest import ALL_SCOPES, ORG, Harness, Receiver
 from tests.service import Service, run_cli_async, start_service, write_config
 

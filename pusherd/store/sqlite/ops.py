@@ -9,7 +9,8 @@ import sqlite3
 from pathlib import Path
 
 from pusherd.store.errors import StoreError
-from pusherd.store.sqlite.db import BUSY_TIMEOUT_MS, Database
+from pusherd.store.sqlite.db import Database
+from pusherd.store.sqlite.schema import BUSY_TIMEOUT_MS
 from pusherd.store.types import BackupSummary
 
 
