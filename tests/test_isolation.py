@@ -269,6 +269,8 @@ async def test_claims_next_to_silent_origins_with_backlogs_do_not_walk_their_que
     polls = int(time.monotonic() - start) + 1
     # The ingest (and the poll) look for origins not known yet; the other claims ask only the
     # origins with room for rows, and a cycle where none has room asks the store nothing.
+    # A claim that took the whole budget also looks for them (rows may have been left for lack
+    # of room), and a loaded machine makes more of those: a walk per claim is what must not be.
     assert claims > 1
-    assert walks <= 4 + polls, (walks, claims)
+    assert walks <= 4 + polls or 3 * walks <= claims, (walks, claims)
     assert idle <= 4 + polls, (idle, claims)
