@@ -23,9 +23,19 @@ from pusherd.store.types import StatusChange
 log = structlog.get_logger("pusherd")
 
 PURGE_EVERY_S = 60.0
+# A pass that found nothing to purge or close waits twice as long as the last, up to this: each
+# wake-up of an idle daemon costs CPU (its memory is cold), and a row that reaches the retention
+# age meanwhile is purged at most this late.
+PURGE_IDLE_MAX_S = 600.0
 PURGE_BATCH = 500
 CLOSE_BATCH = 1000
 FD_RESERVE = 128  # descriptors kept for listeners, API clients, the database and SMTP
+
+
+def next_purge_wait(last_s: float, found: bool) -> float:
+    """The wait before the next retention pass: a minute after one that purged or closed
+    something, else twice the last one, up to PURGE_IDLE_MAX_S."""
+    return PURGE_EVERY_S if found else min(2 * last_s, PURGE_IDLE_MAX_S)
 
 
 def idle_connections(max_in_flight: int) -> int:
@@ -169,9 +179,11 @@ class Runtime:
             await asyncio.sleep(0.01)  # let ingest in between batches
 
     async def _purge_loop(self) -> None:
+        wait = PURGE_EVERY_S
         while True:
-            await asyncio.sleep(PURGE_EVERY_S)
-            for sub in await self.store.subscriptions_to_close():
+            await asyncio.sleep(wait)
+            closing = await self.store.subscriptions_to_close()
+            for sub in closing:
                 self.close_pending_soon(sub)
             try:
                 removed = await self.purge_once()
@@ -179,6 +191,8 @@ class Runtime:
                 removed += await self.store.console.purge_sessions(int(time.time() * 1000))
             except StoreError as exc:
                 log.error("purge_failed", error=str(exc))
+                wait = PURGE_EVERY_S
                 continue
             if removed:
                 log.info("retention_purged", rows=removed)
+            wait = next_purge_wait(wait, bool(removed or closing))

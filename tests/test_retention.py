@@ -3,6 +3,7 @@ deliveries, are purged in batches; pending and recent rows stay."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -10,9 +11,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from pusherd import runtime as runtime_module
 from pusherd.app import create_app
 from pusherd.keys import INGEST_APP, RUNTIME
-from pusherd.runtime import PURGE_BATCH
+from pusherd.runtime import PURGE_BATCH, PURGE_EVERY_S, next_purge_wait
 from tests.conftest import ORG, Harness, Receiver, make_config
 
 ReceiverFactory = Callable[..., Awaitable[Receiver]]
@@ -140,3 +144,32 @@ async def test_purge_works_through_many_batches(
         attempts = {r[0] for r in conn.execute("SELECT delivery_id FROM attempts")}
         assert attempts == set(pending)
     assert receiver.requests == []
+
+
+def test_the_retention_pass_backs_off_while_it_finds_nothing() -> None:
+    waits = [PURGE_EVERY_S]
+    for _ in range(6):
+        waits.append(next_purge_wait(waits[-1], found=False))
+    assert waits == [60.0, 120.0, 240.0, 480.0, 600.0, 600.0, 600.0]
+    assert next_purge_wait(600.0, found=True) == PURGE_EVERY_S  # something old: every minute
+
+
+async def test_an_idle_daemons_retention_pass_wakes_it_less_and_less(
+    harness_factory: HarnessFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each pass wakes an idle daemon (milliseconds of CPU on a virtual machine); with nothing
+    # to purge, a pass a minute would be most of its idle CPU after the poll.
+    monkeypatch.setattr(runtime_module, "PURGE_EVERY_S", 0.05)
+    monkeypatch.setattr(runtime_module, "PURGE_IDLE_MAX_S", 0.4)
+    h = await harness_factory()
+    passes = 0
+    look = h.runtime.store.subscriptions_to_close
+
+    async def counted() -> list[str]:
+        nonlocal passes
+        passes += 1
+        return await look()
+
+    monkeypatch.setattr(h.runtime.store, "subscriptions_to_close", counted)
+    await asyncio.sleep(1.6)
+    assert 1 <= passes <= 8, passes  # a pass every 0.05 s would have made 32
