@@ -182,10 +182,11 @@ class Runtime:
         wait = PURGE_EVERY_S
         while True:
             await asyncio.sleep(wait)
-            closing = await self.store.subscriptions_to_close()
-            for sub in closing:
-                self.close_pending_soon(sub)
             try:
+                # A failed look must not end the loop: the next pass looks again.
+                closing = await self.store.subscriptions_to_close()
+                for sub in closing:
+                    self.close_pending_soon(sub)
                 removed = await self.purge_once()
                 # Expired console sessions and sign-in links go with the rest.
                 removed += await self.store.console.purge_sessions(int(time.time() * 1000))

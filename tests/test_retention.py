@@ -17,6 +17,7 @@ from pusherd import runtime as runtime_module
 from pusherd.app import create_app
 from pusherd.keys import INGEST_APP, RUNTIME
 from pusherd.runtime import PURGE_BATCH, PURGE_EVERY_S, next_purge_wait
+from pusherd.store import StoreError
 from tests.conftest import ORG, Harness, Receiver, make_config
 
 ReceiverFactory = Callable[..., Awaitable[Receiver]]
@@ -173,3 +174,28 @@ async def test_an_idle_daemons_retention_pass_wakes_it_less_and_less(
     monkeypatch.setattr(h.runtime.store, "subscriptions_to_close", counted)
     await asyncio.sleep(1.6)
     assert 1 <= passes <= 8, passes  # a pass every 0.05 s would have made 32
+
+
+async def test_a_failed_look_for_subscriptions_to_close_does_not_end_the_retention_passes(
+    harness_factory: HarnessFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The database refused one pass (disk full, I/O error, a lost PostgreSQL connection): the
+    # passes go on, and with them the purge and the closing of deleted subscriptions' rows.
+    monkeypatch.setattr(runtime_module, "PURGE_EVERY_S", 0.05)
+    monkeypatch.setattr(runtime_module, "PURGE_IDLE_MAX_S", 0.05)
+    h = await harness_factory()
+    passes = 0
+    look = h.runtime.store.subscriptions_to_close
+
+    async def failing_once() -> list[str]:
+        nonlocal passes
+        passes += 1
+        if passes == 2:
+            raise StoreError("could not read: disk I/O error")
+        return await look()
+
+    monkeypatch.setattr(h.runtime.store, "subscriptions_to_close", failing_once)
+    deadline = time.monotonic() + 5
+    while passes < 4:
+        assert time.monotonic() < deadline, f"the passes stopped after {passes}"
+        await asyncio.sleep(0.02)
