@@ -286,7 +286,7 @@ async def test_the_wal_starts_over_under_writes_that_never_pause(
     # SQLite never started the WAL over: creating 100,000 subscriptions grew it to 2.4 GB, and
     # the creation rate fell as every page read searched a longer WAL index. The writer now
     # finishes the checkpoint between two commits, and the WAL stays short however much is
-    # written.
+    # written (with readers that never pause too: the next test).
     monkeypatch.setattr(sqlite_db, "CHECKPOINT_EVERY_S", 0.02)
     path = tmp_path / "pusherd.sqlite3"
     db = Database(path)
@@ -307,4 +307,50 @@ async def test_the_wal_starts_over_under_writes_that_never_pause(
         rows = await db.read("SELECT count(*) FROM t")
         assert rows[0][0] == 3000
     finally:
+        await db.close()
+
+
+async def test_the_wal_starts_over_under_reads_that_never_pause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A reader that always holds a snapshot of the WAL (back-to-back scans: listings, a
+    # console) keeps SQLite from starting it over after a checkpoint that copied everything;
+    # past WAL_FORCE_FRAMES the writer's checkpoint waits briefly for those readers instead.
+    monkeypatch.setattr(sqlite_db, "CHECKPOINT_EVERY_S", 0.05)
+    monkeypatch.setattr(sqlite_db, "WAL_RESTART_FRAMES", 200)
+    monkeypatch.setattr(sqlite_db, "WAL_FORCE_FRAMES", 1000)  # 4 MiB
+    path = tmp_path / "pusherd.sqlite3"
+    db = Database(path)
+    await db.open()
+    writing = True
+
+    async def scan() -> int:
+        scans = 0
+        while writing:
+            await db.read("SELECT count(*), sum(length(v)) FROM t")
+            scans += 1
+        return scans
+
+    try:
+        await db.write(lambda c: c.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)"))
+        reader = asyncio.create_task(scan())
+        blob = os.urandom(8192)
+        wal = Path(f"{path}-wal")
+        largest = 0
+        end = time.monotonic() + 2.0
+
+        async def write() -> None:
+            nonlocal largest
+            while time.monotonic() < end:
+                await db.write(lambda c: c.execute("INSERT INTO t (v) VALUES (?)", (blob,)))
+                largest = max(largest, file_size(wal))
+
+        # Four writers for two seconds: a group commit every few milliseconds.
+        await asyncio.gather(*(write() for _ in range(4)))
+        writing = False
+        assert await reader > 10
+        # Without the wait for readers it grew to 51-121 MiB in these two seconds.
+        assert largest < 32 * 1024 * 1024, f"WAL grew to {largest >> 20} MiB"
+    finally:
+        writing = False
         await db.close()

@@ -34,6 +34,11 @@ CHECKPOINT_EVERY_S = 0.5
 WAL_RESTART_FRAMES = 1000
 # The size a WAL file is cut back to when it starts over (SQLite keeps its largest size otherwise).
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
+# Beyond this many frames (64 MiB of 4 KiB pages) the writer's checkpoint also waits, up to
+# RESTART_WAIT_MS, for readers still on the old WAL to finish (RESTART): reads that never pause
+# (listings, a console) would otherwise hold a snapshot at every chance the WAL had to start over.
+WAL_FORCE_FRAMES = 16384
+RESTART_WAIT_MS = 100
 
 
 def _commit_now(conn: sqlite3.Connection) -> None:
@@ -41,11 +46,19 @@ def _commit_now(conn: sqlite3.Connection) -> None:
     conn.execute("COMMIT")
 
 
-def _checkpoint_writer(conn: sqlite3.Connection) -> None:
+def _checkpoint_writer(conn: sqlite3.Connection, restart: bool) -> None:
     """A checkpoint by the writer between two commits: no commit of this process can come
     between its start and its end, so it copies every frame (unless a reader still needs one)
-    and the next write starts the WAL over."""
-    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    and the next write starts the WAL over. restart: also wait briefly for the readers of the
+    old WAL, so that the next write can start it over even under reads that never pause."""
+    if not restart:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        return
+    conn.execute(f"PRAGMA busy_timeout = {RESTART_WAIT_MS}")
+    try:
+        conn.execute("PRAGMA wal_checkpoint(RESTART)")  # busy after the wait: the next one
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
 
 WriteFn = Callable[[sqlite3.Connection], Any]
@@ -81,6 +94,7 @@ class Database:
         self._in_flight: asyncio.Future[None] | None = None  # a COMMIT on the syncer thread
         self._written = False  # committed since the last checkpoint
         self._catch_up = False  # the last checkpoint left a long WAL: the writer finishes it
+        self._force_restart = False  # ... and it was very long: wait for readers too
 
     async def open(self) -> None:
         """Open, configure and migrate the file; checkpoint the WAL off the event loop."""
@@ -145,7 +159,8 @@ class Database:
         copied here and SQLite never starts it over: it grew by gigabytes while 100,000
         subscriptions were created, and every page read searched a longer WAL index. When
         more than WAL_RESTART_FRAMES are left, the writer copies the rest after its next
-        commit (a few frames, with nothing else writing), and the write after it starts over.
+        commit (a few frames, with nothing else writing), and the write after it starts over;
+        past WAL_FORCE_FRAMES it also waits for the readers of the old WAL (RESTART).
         """
         if self._reader is None:
             return
@@ -153,6 +168,7 @@ class Database:
             row = await cur.fetchone()
         if row is not None and self.background and int(row[1]) >= WAL_RESTART_FRAMES:
             self._catch_up = True
+            self._force_restart = int(row[1]) >= WAL_FORCE_FRAMES
 
     async def close(self) -> None:
         """Flush waiting writes, checkpoint, and close every connection."""
@@ -298,7 +314,7 @@ class Database:
         self._catch_up = False
         assert self._syncer is not None
         self._in_flight = asyncio.get_running_loop().run_in_executor(
-            self._syncer, _checkpoint_writer, conn
+            self._syncer, _checkpoint_writer, conn, self._force_restart
         )
 
         def finished(done: asyncio.Future[None]) -> None:
