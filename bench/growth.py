@@ -41,7 +41,7 @@ ORIGINS = 50
 MANY_SUBS = 10_000
 IDLE_SUBS = 100_000
 IDLE_WINDOW_S = 10.0
-# An idle daemon holds 5 sockets (two listeners, the wake socket, two of aiosqlite's); fewer
+# An idle daemon holds 5 sockets (its two listeners, the wake socket, the event loop's pair); fewer
 # than 10 means the pooled connections (80-90 after the growth phase) are closed.
 SETTLED_SOCKETS = 10
 FINISHED = re.compile(r'^pusherd_deliveries_finished_total\{status="delivered"\} (\S+)$', re.M)

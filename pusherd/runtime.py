@@ -72,6 +72,7 @@ class Runtime:
         self._dispatcher: Dispatcher | None = None
         self._purger: asyncio.Task[None] | None = None
         self._closing: dict[str, asyncio.Task[None]] = {}
+        self._looking: asyncio.Task[None] | None = None  # a look for subscriptions to close
 
     @property
     def store(self) -> Store:
@@ -101,8 +102,7 @@ class Runtime:
         if dispatch:
             self._dispatcher.start()
             self._purger = asyncio.get_running_loop().create_task(self._purge_loop())
-            for sub in await self._store.subscriptions_to_close():
-                self.close_pending_soon(sub)
+            await self._close_all()
 
     def status_changed(self, change: StatusChange) -> None:
         """A subscription's status changed by a delivery outcome: mail its contact."""
@@ -114,6 +114,24 @@ class Runtime:
         """A deleted or DISABLED subscription's pending deliveries are finished (change feed)."""
         if change.kind in ("subscription_deleted", "subscription_disabled"):
             self.close_pending_soon(change.subscription)
+        elif change.kind == "subscription_changed" and not change.subscription:
+            # Anything may have changed (PostgreSQL's LISTEN connection came back, and what was
+            # announced while it was down is lost): look now rather than at the retention pass.
+            self._look_for_closing()
+
+    def _look_for_closing(self) -> None:
+        if self._looking is None or self._looking.done():
+            self._looking = asyncio.get_running_loop().create_task(self._close_all())
+
+    async def _close_all(self) -> None:
+        """Finish the pending deliveries of every deleted or DISABLED subscription."""
+        try:
+            closing = await self.store.subscriptions_to_close()
+        except StoreError as exc:
+            log.error("close_pending_failed", error=str(exc))
+            return
+        for sub in closing:
+            self.close_pending_soon(sub)
 
     def close_pending_soon(self, subscription: str) -> None:
         """Finish a deleted or DISABLED subscription's pending deliveries, in the background."""
@@ -142,7 +160,8 @@ class Runtime:
 
     async def stop(self) -> None:
         """Stop the dispatcher (with shutdown_grace), then close everything."""
-        background = [t for t in (self._purger, *self._closing.values()) if t is not None]
+        tasks = (self._purger, self._looking, *self._closing.values())
+        background = [t for t in tasks if t is not None]
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)

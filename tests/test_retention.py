@@ -17,7 +17,7 @@ from pusherd import runtime as runtime_module
 from pusherd.app import create_app
 from pusherd.keys import INGEST_APP, RUNTIME
 from pusherd.runtime import PURGE_BATCH, PURGE_EVERY_S, next_purge_wait
-from pusherd.store import StoreError
+from pusherd.store import Change, StoreError
 from tests.conftest import ORG, Harness, Receiver, make_config
 
 ReceiverFactory = Callable[..., Awaitable[Receiver]]
@@ -199,3 +199,30 @@ async def test_a_failed_look_for_subscriptions_to_close_does_not_end_the_retenti
     while passes < 4:
         assert time.monotonic() < deadline, f"the passes stopped after {passes}"
         await asyncio.sleep(0.02)
+
+
+async def test_a_feed_that_lost_its_changes_makes_the_daemon_close_deleted_rows_at_once(
+    harness_factory: HarnessFactory, receiver_factory: ReceiverFactory
+) -> None:
+    # On PostgreSQL, what was announced while the LISTEN connection was down is lost, and the
+    # reconnection announces that anything may have changed (a change without ids). A delete
+    # made meanwhile by another process must not wait for the retention pass to be finished.
+    h = await harness_factory(delivery={"retry_schedule": ["1h"]})
+    down = await receiver_factory(default=500)
+    token = h.token()
+    sub = await h.subscribe(token, down.url, ["ProductCreated"])
+    await h.emit("ProductCreated")
+    await down.wait_for(1, "ProductCreated")
+    await h.idle()
+    with database(h) as conn:  # deleted by "another process", its announcement lost
+        conn.execute(
+            "UPDATE subscriptions SET deleted_ms = ? WHERE uuid = ?",
+            (int(time.time() * 1000), sub["uuid"]),
+        )
+        pending = "SELECT count(*) FROM deliveries WHERE subscription = ? AND status = 'pending'"
+        assert count(conn, pending, sub["uuid"]) == 2  # its TestMessage and the event
+        h.runtime.store.changes.announce(Change("subscription_changed"))
+        deadline = time.monotonic() + 5
+        while count(conn, pending, sub["uuid"]):
+            assert time.monotonic() < deadline, "the deleted subscription's rows stayed pending"
+            await asyncio.sleep(0.05)
