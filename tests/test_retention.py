@@ -155,25 +155,39 @@ def test_the_retention_pass_backs_off_while_it_finds_nothing() -> None:
     assert next_purge_wait(600.0, found=True) == PURGE_EVERY_S  # something old: every minute
 
 
+async def counted_passes(
+    harness_factory: HarnessFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    idle_max_s: float,
+    fail_pass: int = 0,
+) -> list[int]:
+    """A daemon whose retention passes come every 0.05 s while they find something (up to
+    idle_max_s while they find nothing); a one-item list counting the passes, the fail_pass-th
+    of which the database refuses."""
+    monkeypatch.setattr(runtime_module, "PURGE_EVERY_S", 0.05)
+    monkeypatch.setattr(runtime_module, "PURGE_IDLE_MAX_S", idle_max_s)
+    h = await harness_factory()
+    passes = [0]
+    look = h.runtime.store.subscriptions_to_close
+
+    async def counted() -> list[str]:
+        passes[0] += 1
+        if passes[0] == fail_pass:
+            raise StoreError("could not read: disk I/O error")
+        return await look()
+
+    monkeypatch.setattr(h.runtime.store, "subscriptions_to_close", counted)
+    return passes
+
+
 async def test_an_idle_daemons_retention_pass_wakes_it_less_and_less(
     harness_factory: HarnessFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Each pass wakes an idle daemon (milliseconds of CPU on a virtual machine); with nothing
     # to purge, a pass a minute would be most of its idle CPU after the poll.
-    monkeypatch.setattr(runtime_module, "PURGE_EVERY_S", 0.05)
-    monkeypatch.setattr(runtime_module, "PURGE_IDLE_MAX_S", 0.4)
-    h = await harness_factory()
-    passes = 0
-    look = h.runtime.store.subscriptions_to_close
-
-    async def counted() -> list[str]:
-        nonlocal passes
-        passes += 1
-        return await look()
-
-    monkeypatch.setattr(h.runtime.store, "subscriptions_to_close", counted)
+    passes = await counted_passes(harness_factory, monkeypatch, idle_max_s=0.4)
     await asyncio.sleep(1.6)
-    assert 1 <= passes <= 8, passes  # a pass every 0.05 s would have made 32
+    assert 1 <= passes[0] <= 8, passes  # a pass every 0.05 s would have made 32
 
 
 async def test_a_failed_look_for_subscriptions_to_close_does_not_end_the_retention_passes(
@@ -181,23 +195,10 @@ async def test_a_failed_look_for_subscriptions_to_close_does_not_end_the_retenti
 ) -> None:
     # The database refused one pass (disk full, I/O error, a lost PostgreSQL connection): the
     # passes go on, and with them the purge and the closing of deleted subscriptions' rows.
-    monkeypatch.setattr(runtime_module, "PURGE_EVERY_S", 0.05)
-    monkeypatch.setattr(runtime_module, "PURGE_IDLE_MAX_S", 0.05)
-    h = await harness_factory()
-    passes = 0
-    look = h.runtime.store.subscriptions_to_close
-
-    async def failing_once() -> list[str]:
-        nonlocal passes
-        passes += 1
-        if passes == 2:
-            raise StoreError("could not read: disk I/O error")
-        return await look()
-
-    monkeypatch.setattr(h.runtime.store, "subscriptions_to_close", failing_once)
+    passes = await counted_passes(harness_factory, monkeypatch, idle_max_s=0.05, fail_pass=2)
     deadline = time.monotonic() + 5
-    while passes < 4:
-        assert time.monotonic() < deadline, f"the passes stopped after {passes}"
+    while passes[0] < 4:
+        assert time.monotonic() < deadline, f"the passes stopped after {passes[0]}"
         await asyncio.sleep(0.02)
 
 

@@ -49,7 +49,6 @@ POLL_S = 1.0  # rows queued by other means (another process, the CLI) are found 
 # a virtual machine, its memory cold after the sleep). Its own writes wake it at once, and so
 # do another process's queued deliveries (`pusherd replay`) through the store's change feed:
 # the poll is only the fallback when that word cannot reach it.
-QUIET_POLLS = 1
 IDLE_POLL_S = 10.0
 PRUNE_EVERY_S = 5.0  # idle origins are looked for this often, and after subscription changes
 # Changes after which rows claimed before them are stale.
@@ -96,7 +95,6 @@ class Dispatcher(Attempts):
         self._discovered_at = 0.0  # monotonic
         self._next_due_ms: int | None = None  # the last claim's earliest due time after then
         self._active = True  # a cycle ran its claim since the last look for origins to forget
-        self._quiet_polls = 0  # polls in a row that found nothing committed
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -249,12 +247,10 @@ class Dispatcher(Attempts):
             self._discovered_at = now
             if self._active and now >= self._prune_at:
                 await self._forget_idle_origins(now)  # once after the last claims, then no more
-            self._quiet_polls += 1
-            poll_s = IDLE_POLL_S if self._quiet_polls >= QUIET_POLLS else POLL_S
             if self._next_due_ms is None:
-                return poll_s
-            return max(0.0, min(poll_s, (self._next_due_ms - wall_ms) / 1000))
-        self._active, self._quiet_polls = True, 0
+                return IDLE_POLL_S
+            return max(0.0, min(IDLE_POLL_S, (self._next_due_ms - wall_ms) / 1000))
+        self._active = True
         if now >= self._prune_at:
             await self._forget_idle_origins(now)
         next_ms = wall_ms + int(POLL_S * 1000)
